@@ -1,0 +1,876 @@
+"""Shared mechanics for the GAN scripts: data, spectral norm, evaluation, run bookkeeping.
+
+Nothing here is a model's story (networks, losses, the training loop live in each script).
+This file holds what every script needs in the same way:
+
+  data        load_dataset / Batches     datasets as one uint8 tensor in memory, batched by indexing
+  networks    spectral_norm              torch's parametrization with a chosen number of power iterations
+  evaluation  Evaluator                  classifier-IS/FID for MNIST-like data, Inception IS/FID when weights exist
+              inception_score, frechet_distance, feature_stats   the mathematics, tested on known inputs
+  utilities   seed_everything, pick_device, Run (run dir, metrics.jsonl, progress line, limits, Ctrl-C),
+              save_checkpoint / load_checkpoint, save_grid, make_gif, plot_metrics, interpolate,
+              write_generated
+
+Run `python common.py --dataset fashion-mnist` to train and cache the evaluation classifier
+(the scripts do it on first use otherwise) and print its test accuracy.
+"""
+
+import argparse
+import gzip
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DATASETS = ("mnist", "fashion-mnist", "usps", "cifar10", "stl10", "celeba", "folder", "fake")
+NATIVE_SIZE = {"mnist": 28, "fashion-mnist": 28, "usps": 16, "cifar10": 32, "stl10": 48,
+               "celeba": 64, "folder": 64, "fake": 28}
+# Datasets whose images a small CNN classifies well: evaluation uses it instead of Inception.
+DIGIT_LIKE = ("mnist", "fashion-mnist", "usps", "fake")
+SYSTEM_DATA = Path("/usr/share/datasets")  # where Debian's dataset-* packages put files
+
+
+class UsageError(Exception):
+    """Bad input from the user: the scripts print it as one line and exit with code 2."""
+
+
+class Diverged(Exception):
+    """Training produced NaN/inf: the scripts stop, keep the last good checkpoint, exit 1."""
+
+
+def fail(prog, err):
+    """Print `prog: error: message` on stderr and exit with 2 (argparse's convention)."""
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ImageData:
+    """A whole dataset as uint8 images (N, C, H, W) and int64 labels, on one device."""
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+
+    @property
+    def channels(self):
+        return self.images.shape[1]
+
+    @property
+    def image_size(self):
+        return self.images.shape[-1]
+
+    def __len__(self):
+        return self.images.shape[0]
+
+
+def to_float(images_uint8):
+    """uint8 [0, 255] -> float [-1, 1] (the range of G's tanh output)."""
+    return images_uint8.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8(images):
+    """float [-1, 1] -> uint8 [0, 255], rounding to the nearest level."""
+    return images.detach().float().add(1).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _read_idx(path):
+    """Read one IDX file (the MNIST format), gzipped or not, into a numpy array."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(name, root, train):
+    """Look for the four MNIST-format files in the places a user or Debian would put them."""
+    prefix = "train" if train else "t10k"
+    tv_name = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
+    for folder in (Path(root) / tv_name / "raw", Path(root) / name, Path(root), SYSTEM_DATA / name):
+        for ext in (".gz", ""):
+            img = folder / f"{prefix}-images-idx3-ubyte{ext}"
+            lab = folder / f"{prefix}-labels-idx1-ubyte{ext}"
+            if img.exists() and lab.exists():
+                return img, lab
+    return None
+
+
+def _load_mnist_like(name, root, train):
+    found = _find_idx(name, root, train)
+    if found is None:  # not on disk: let torchvision download into root (works when online)
+        import torchvision.datasets as tvd
+        cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}[name]
+        try:
+            cls(root, train=train, download=True)
+        except Exception as e:
+            raise UsageError(
+                f"{name} not found and could not be downloaded ({type(e).__name__}); put the four "
+                f"*-idx?-ubyte.gz files in {Path(root) / cls.__name__ / 'raw'} or {SYSTEM_DATA / name}"
+                + (" (apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else "")
+            ) from None
+        found = _find_idx(name, root, train)
+    images = torch.from_numpy(_read_idx(found[0]).copy()).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(found[1]).astype(np.int64))
+    return images, labels, 10
+
+
+def _load_torchvision(name, root, train):
+    """USPS, CIFAR-10, STL-10: torchvision reads (and when online downloads) the archives."""
+    import torchvision.datasets as tvd
+
+    def make(download):
+        if name == "usps":
+            return [tvd.USPS(root, train=train, download=download)]
+        if name == "cifar10":
+            return [tvd.CIFAR10(root, train=train, download=download)]
+        # STL-10: the 13k labelled images (train + test), as in the SNGAN reproductions we follow.
+        return [tvd.STL10(root, split=s, download=download) for s in (("train", "test") if train else ("test",))]
+
+    try:
+        try:
+            parts = make(download=False)
+        except Exception:
+            parts = make(download=True)
+    except Exception as e:
+        raise UsageError(f"{name} not found in {root} and could not be downloaded ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}); run once online or copy torchvision's "
+                         f"{name} files into {root}") from None
+    imgs, labs = [], []
+    for ds in parts:
+        data = np.asarray(ds.data)
+        if data.ndim == 3:  # (N, H, W) grayscale
+            data = data[:, None]
+        elif data.shape[-1] == 3:  # (N, H, W, 3) -> (N, 3, H, W)
+            data = data.transpose(0, 3, 1, 2)
+        imgs.append(torch.from_numpy(np.ascontiguousarray(data)))
+        labs.append(torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.int64))
+    return torch.cat(imgs), torch.cat(labs), 10
+
+
+def _decode_files(paths, size, crop=None):
+    """Decode image files with PIL into a uint8 tensor, center-cropped to a square and resized."""
+    from PIL import Image
+    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    for i, p in enumerate(paths):
+        with Image.open(p) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            c = crop or min(w, h)
+            left, top = (w - c) // 2, (h - c) // 2
+            im = im.crop((left, top, left + c, top + c)).resize((size, size), Image.BICUBIC)
+            out[i] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+        if i and i % 20000 == 0:
+            print(f"  decoded {i}/{len(paths)} images", file=sys.stderr)
+    return out
+
+
+def _load_files(name, root, size):
+    """CelebA and image folders: decoded once at the requested size; CelebA's result is cached."""
+    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+    if name == "celeba":
+        cache = Path(root) / "celeba" / f"decoded-{size}.pt"
+        if cache.exists():
+            d = torch.load(cache)
+            return d["images"], d["labels"], 1
+        folder = Path(root) / "celeba" / "img_align_celeba"
+        if not folder.is_dir():
+            import torchvision.datasets as tvd
+            try:
+                tvd.CelebA(root, split="all", download=True)
+            except Exception as e:
+                raise UsageError(f"celeba not found and could not be downloaded ({type(e).__name__}); "
+                                 f"put the aligned images in {folder}/") from None
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in exts)
+        print(f"decoding {len(paths)} CelebA images once (cached in {cache})", file=sys.stderr)
+        images = _decode_files(paths, size, crop=140)  # the usual 140px face crop of the 178x218 images
+        labels = torch.zeros(len(paths), dtype=torch.int64)
+        torch.save({"images": images, "labels": labels}, cache)
+        return images, labels, 1
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(f"--data-root {root} is not a folder of images (subfolders are classes)")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    groups = [(i, root / c) for i, c in enumerate(classes)] or [(0, root)]
+    paths, labels = [], []
+    for i, folder in groups:
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)
+        paths += files
+        labels += [i] * len(files)
+    if not paths:
+        raise UsageError(f"no images ({', '.join(exts)}) found under {root}")
+    return _decode_files(paths, size), torch.tensor(labels, dtype=torch.int64), max(1, len(classes))
+
+
+def make_fake(n=1024, size=28, seed=0, num_classes=10):
+    """A tiny structured data set for smoke tests: class k is a bright blob at position k.
+
+    Learnable in a few hundred steps (so tests can check that learning happens), and its
+    classes are separable, so the evaluation classifier reaches ~100% accuracy on it.
+    """
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=g)]
+    cy = 7 + 14 * (labels // 5)  # two rows of five positions on a 28x28 canvas
+    cx = 4 + 5 * (labels % 5)
+    cy = cy + torch.randint(-1, 2, (n,), generator=g)
+    cx = cx + torch.randint(-1, 2, (n,), generator=g)
+    radius = 2.0 + 1.5 * torch.rand(n, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    d2 = (yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2
+    img = torch.sigmoid(3.0 * (radius[:, None, None] - d2.sqrt()))
+    img = (img + 0.05 * torch.rand(n, 28, 28, generator=g)).clamp(0, 1)
+    images = (img * 255).round().to(torch.uint8).unsqueeze(1)
+    return resize_uint8(images, size), labels, num_classes
+
+
+def resize_uint8(images, size, chunk=4096):
+    """Resize a uint8 (N, C, H, W) tensor once, with antialiasing when shrinking."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=torch.uint8)
+    for i in range(0, images.shape[0], chunk):
+        x = images[i:i + chunk].float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[i:i + chunk] = x.round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+def load_dataset(name, root="./data", image_size=None, device="cpu", train=True):
+    """Load a dataset as one uint8 tensor at `image_size` on `device` (see ImageData).
+
+    Decoded and resized once; batches are then made by indexing, with no per-sample
+    transforms and no worker processes. A dataset too large for the accelerator stays in
+    (pinned) host memory and each batch is copied over.
+    """
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    size = image_size or NATIVE_SIZE[name]
+    if name == "fake":
+        images, labels, k = make_fake(size=size, seed=0 if train else 1, n=1024 if train else 512)
+    elif name in ("mnist", "fashion-mnist"):
+        images, labels, k = _load_mnist_like(name, root, train)
+    elif name in ("usps", "cifar10", "stl10"):
+        images, labels, k = _load_torchvision(name, root, train)
+    else:
+        images, labels, k = _load_files(name, root, size)
+    images = resize_uint8(images, size)
+    device = torch.device(device)
+    if device.type == "cpu" or images.numel() < 2**31:
+        images, labels = images.to(device), labels.to(device)
+    elif device.type == "cuda":
+        images = images.pin_memory()
+    return ImageData(name, images, labels, k)
+
+
+class Batches:
+    """Endless batches in shuffled epochs; the shuffle of epoch e depends only on (seed, e).
+
+    So a resumed run that knows how many batches it has consumed (`position`) continues
+    with exactly the batches an uninterrupted run would have drawn. The last partial batch
+    of an epoch is dropped, as DataLoader(drop_last=True) does.
+    """
+
+    def __init__(self, data, batch_size, seed, position=0, device=None):
+        if batch_size > len(data):
+            raise UsageError(f"--batch-size {batch_size} is larger than the dataset ({len(data)} images)")
+        self.data, self.batch_size, self.seed, self.position = data, batch_size, seed, position
+        self.device = torch.device(device) if device is not None else data.images.device
+        self.per_epoch = len(data) // batch_size
+        self._perm_epoch, self._perm = None, None
+
+    @property
+    def epoch(self):
+        return self.position // self.per_epoch
+
+    def next(self):
+        """The next (images in [-1, 1], labels) batch on the training device."""
+        epoch, i = divmod(self.position, self.per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm = torch.randperm(len(self.data), generator=g).to(self.data.images.device)
+            self._perm_epoch = epoch
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        self.position += 1
+        x = self.data.images[idx].to(self.device, non_blocking=True)
+        y = self.data.labels[idx].to(self.device, non_blocking=True)
+        return to_float(x), y
+
+
+# ----------------------------------------------------------------------------------------------
+# Spectral normalisation (Miyato et al. 2018)
+# ----------------------------------------------------------------------------------------------
+
+def spectral_norm(module, n_power_iterations=1):
+    """Divide `module.weight` by its largest singular value, estimated by power iteration.
+
+    A thin wrapper over torch.nn.utils.parametrizations.spectral_norm (which reshapes a conv
+    weight to (out, in*kh*kw) as the paper does, and runs `n_power_iterations` per training
+    forward, reusing u between steps; the paper uses 1).
+    """
+    return nn.utils.parametrizations.spectral_norm(module, n_power_iterations=n_power_iterations)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: Inception Score, FID, and a classifier for MNIST-like data
+# ----------------------------------------------------------------------------------------------
+
+def inception_score(probs, splits=10, generator=None):
+    """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), mean and std over splits.
+
+    `probs` (N, K) are class probabilities. Samples are shuffled before splitting so that a
+    caller that generated them class by class does not get per-class splits.
+    """
+    p = torch.as_tensor(probs, dtype=torch.float64)
+    p = p[torch.randperm(p.shape[0], generator=generator)]
+    scores = []
+    for part in p.chunk(splits):
+        py = part.mean(0, keepdim=True)
+        kl = (torch.special.xlogy(part, part) - torch.special.xlogy(part, py)).sum(1).mean()
+        scores.append(kl.exp())
+    scores = torch.stack(scores)
+    return scores.mean().item(), (scores.std(unbiased=False).item() if splits > 1 else 0.0)
+
+
+def feature_stats(features):
+    """Mean and covariance of (N, D) features in float64 (float32 loses FID's small terms)."""
+    f = np.asarray(features, dtype=np.float64)
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """FID = |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))  (Heusel et al. 2017, Eq. 6).
+
+    numpy float64 without scipy: tr (S1 S2)^(1/2) = tr (S1^(1/2) S2 S1^(1/2))^(1/2), and the
+    inner matrix is symmetric PSD, so two `eigh` calls give it exactly, with no complex parts
+    to discard (scipy's sqrtm route needs that clean-up).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    w, v = np.linalg.eigh(s1)
+    s1_half = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = s1_half @ s2 @ s1_half
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+class Classifier(nn.Module):
+    """Small CNN for MNIST-like images; its 128-d penultimate layer gives classifier-FID."""
+
+    def __init__(self, channels, image_size, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * (image_size // 4) ** 2, 128), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, num_classes))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def get_classifier(dataset, data_root, device, epochs=3, verbose=True):
+    """The evaluation classifier of an MNIST-like dataset, trained once and cached under data_root.
+
+    Trained on the real training split at the dataset's native size; generated images are
+    resized to that size before they are classified. Draws nothing from the caller's RNG
+    (building a network does), so evaluating never shifts a run's random stream.
+    """
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(1234)
+        return _get_classifier(dataset, data_root, device, epochs, verbose)
+
+
+def _get_classifier(dataset, data_root, device, epochs, verbose):
+    size = NATIVE_SIZE[dataset]
+    path = Path(data_root) / "classifiers" / f"{dataset}-{size}px.pt"
+    if path.exists():
+        ckpt = torch.load(path, map_location=device)
+        net = Classifier(*ckpt["shape"]).to(device)
+        net.load_state_dict(ckpt["model"])
+        net.test_accuracy = ckpt["test_accuracy"]
+        return net.eval()
+    train, test = (load_dataset(dataset, data_root, size, device, train=t) for t in (True, False))
+    if verbose:
+        print(f"training the {dataset} evaluation classifier once ({epochs} epochs, cached in {path})",
+              file=sys.stderr)
+    net = Classifier(train.channels, size, train.num_classes).to(device)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    batches = Batches(train, 256, seed=1234)
+    steps = epochs * batches.per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
+    net.train()
+    for _ in range(steps):
+        x, y = batches.next()
+        x = x + 0.05 * torch.randn_like(x)  # a little robustness to the noise in GAN samples
+        loss = F.cross_entropy(net(x), y)  # logits, not softmax, into cross-entropy
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    net.eval()
+    with torch.no_grad():
+        correct = sum((net(to_float(test.images[i:i + 1000])).argmax(1) == test.labels[i:i + 1000]).sum().item()
+                      for i in range(0, len(test), 1000))
+    net.test_accuracy = correct / len(test)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": net.state_dict(), "shape": (train.channels, size, train.num_classes),
+                "test_accuracy": net.test_accuracy}, tmp)
+    os.replace(tmp, path)
+    if verbose:
+        print(f"  {dataset} classifier test accuracy {net.test_accuracy:.4f}", file=sys.stderr)
+    return net
+
+
+def load_inception(device):
+    """torchvision's Inception-v3 (ImageNet weights) as (features 2048-d, class probs), or None.
+
+    Loads from torch's hub cache, downloading when online. These weights are torchvision's,
+    not the TF 2015 graph of the original IS/FID code, so our numbers rank runs reliably but
+    are not digit-for-digit comparable with papers' tables.
+    """
+    try:
+        import torchvision.models as tvm
+        net = tvm.inception_v3(weights=tvm.Inception_V3_Weights.IMAGENET1K_V1, progress=False)
+    except Exception:
+        return None
+    net.eval().to(device)
+    feats = {}
+    net.avgpool.register_forward_hook(lambda m, i, o: feats.__setitem__("pool", o.flatten(1)))
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def run(x):  # x in [-1, 1], any size, 1 or 3 channels
+        x = x.to(device).float().add(1).div(2)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        logits = net((x - mean) / std)
+        return feats["pool"].double().cpu(), F.softmax(logits.double(), 1).cpu()
+    return run
+
+
+class Evaluator:
+    """Computes the metrics of SPEC.md for generated images against one real data set.
+
+    MNIST-like data (mnist, fashion-mnist, usps, fake): classifier-IS, classifier-FID (128-d
+    penultimate features), the class histogram of the samples and, when the sampler says
+    which class it asked for, the conditional accuracy. Other data: Inception IS/FID when
+    the weights can be loaded. `self.source` says what produced each number.
+    """
+
+    def __init__(self, data, data_root, device, n_samples=10000, seed=0, inception=True):
+        self.device, self.n, self.seed = torch.device(device), n_samples, seed
+        self.classifier, self.inception = None, None
+        parts = []
+        n_real = min(n_samples, len(data))
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n_real]
+        real = data.images[idx.to(data.images.device)]
+        if data.name in DIGIT_LIKE:
+            self.classifier = get_classifier(data.name, data_root, self.device)
+            self.cls_size = NATIVE_SIZE[data.name]
+            f, _ = self._classify(real)
+            self.cls_real = feature_stats(f)
+            parts.append(f"cls_*: {data.name} CNN classifier (test acc {self.classifier.test_accuracy:.3f}), "
+                         f"features of {n_real} train images vs {n_samples} generated")
+        elif inception:
+            self.inception = load_inception(self.device)
+            if self.inception is None:
+                parts.append("IS/FID skipped: Inception-v3 weights not available offline")
+            else:
+                f = torch.cat([self.inception(to_float(real[i:i + 100]))[0] for i in range(0, n_real, 100)])
+                self.inc_real = feature_stats(f.numpy())
+                parts.append(f"IS/FID: torchvision Inception-v3, {n_samples} generated vs {n_real} train images")
+        self.source = "; ".join(parts) or "no metrics for this dataset"
+
+    @torch.no_grad()
+    def _classify(self, images):
+        feats, probs = [], []
+        for i in range(0, images.shape[0], 1000):
+            x = images[i:i + 1000].to(self.device)
+            x = to_float(x) if x.dtype == torch.uint8 else x.float()
+            if x.shape[-1] != self.cls_size:
+                x = F.interpolate(x, size=(self.cls_size, self.cls_size), mode="bilinear",
+                                  antialias=True, align_corners=False)
+            f = self.classifier.body(x)
+            feats.append(f.double().cpu())
+            probs.append(F.softmax(self.classifier.head(f).double(), 1).cpu())
+        return torch.cat(feats).numpy(), torch.cat(probs)
+
+    @torch.no_grad()
+    def __call__(self, sample):
+        """`sample(n, generator)` -> (images in [-1, 1], asked-for labels or None). Returns a dict."""
+        if self.classifier is None and self.inception is None:
+            return {}
+        gen = torch.Generator(self.device).manual_seed(self.seed + 1)  # same noise at every evaluation
+        images, labels = [], []
+        for i in range(0, self.n, 500):
+            x, y = sample(min(500, self.n - i), gen)
+            images.append(to_uint8(x).cpu())  # score what a user would save: 8-bit images
+            if y is not None:
+                labels.append(y.cpu())
+        images = torch.cat(images)
+        out, split_gen = {}, torch.Generator().manual_seed(self.seed + 2)
+        if self.classifier is not None:
+            feats, probs = self._classify(images)
+            out["cls_fid"] = frechet_distance(*feature_stats(feats), *self.cls_real)
+            out["cls_is"], out["cls_is_std"] = inception_score(probs, 10, split_gen)
+            pred = probs.argmax(1)
+            out["cls_hist"] = (torch.bincount(pred, minlength=probs.shape[1]).double() / len(pred)).tolist()
+            if labels:
+                out["cls_acc"] = (pred == torch.cat(labels)).double().mean().item()
+        if self.inception is not None:
+            f, p = zip(*(self.inception(to_float(images[i:i + 100])) for i in range(0, len(images), 100)))
+            out["fid"] = frechet_distance(*feature_stats(torch.cat(f).numpy()), *self.inc_real)
+            out["is"], out["is_std"] = inception_score(torch.cat(p), 10, split_gen)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Utilities
+# ----------------------------------------------------------------------------------------------
+
+def seed_everything(seed):
+    """All randomness comes from torch's generators (CPU and every CUDA device)."""
+    torch.manual_seed(seed)
+
+
+def pick_device(name="auto"):
+    """`auto` -> CUDA when present, else Apple MPS, else CPU. Turns on cuDNN autotuning on CUDA."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but torch sees no CUDA device")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps asked for, but torch sees no MPS device")
+    if name == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+    return torch.device(name)
+
+
+def autocast(device, enabled=True):
+    """bfloat16 autocast on CUDA (no loss scaling needed, unlike float16); a no-op elsewhere."""
+    on = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+def add_common_args(p, script, image_sizes="see --help"):
+    """The flags of SPEC.md that mean the same in every script (model flags stay in the script)."""
+    g = p.add_argument_group("data, run length and output (common to every script)")
+    g.add_argument("--dataset", default="mnist", choices=DATASETS,
+                   help="fake = tiny generated blobs for smoke tests; folder = images under --data-root")
+    g.add_argument("--data-root", default="./data", help="where datasets live and downloads go (default ./data)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="default: the dataset's native size (MNIST 28, USPS 16, CIFAR-10 32, STL-10 48, CelebA 64)")
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many generator steps")
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="stop after this much training-loop wall time (data loading not counted)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (torch only)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: CUDA if present")
+    g.add_argument("--no-amp", action="store_true", help="disable bfloat16 autocast on CUDA")
+    g.add_argument("--out", default=None, help=f"run directory (default runs/{script}-<dataset>-<time>)")
+    g.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics.jsonl lines")
+    g.add_argument("--sample-every", type=positive_int, default=500, help="steps between sample grids and checkpoints")
+    g.add_argument("--eval-every", type=int, default=2000, help="steps between evaluations (0: only at the end)")
+    g.add_argument("--eval-samples", type=positive_int, default=10000, help="generated images per evaluation")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue from a checkpoint.pt with its settings; only length, device, output "
+                        "and logging flags may change")
+    g.add_argument("--generate", type=positive_int, default=None, metavar="N",
+                   help="no training: load --checkpoint and write N samples to OUT/generated.npz")
+    g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint for --generate")
+    return p
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`dcgan.py: error: ... (see --help)`), not a wall of usage text."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1, with a one-line error otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# Flags a resumed run may change; everything else comes from the checkpoint.
+RESUMABLE = {"resume", "max_steps", "epochs", "max_minutes", "device", "out", "log_every",
+             "sample_every", "eval_every", "eval_samples", "no_amp", "generate", "checkpoint"}
+
+
+def resume_args(args, state, resume_path):
+    """The checkpoint's settings, with the flags of RESUMABLE taken from this command line."""
+    merged = dict(state["args"])
+    merged.update({k: v for k, v in vars(args).items() if k in RESUMABLE})
+    if args.out is None:  # by default a resumed run goes on in its own directory
+        merged["out"] = str(Path(resume_path).parent)
+    return argparse.Namespace(**merged)
+
+
+def save_checkpoint(path, state):
+    """Write atomically (temp file, then rename), so a crash mid-save keeps the previous file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, script):
+    """Load a checkpoint written by `script`; any other file is a UsageError with a clear reason."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: "
+                         f"{str(e).splitlines()[0][:80]})") from None
+    if not isinstance(state, dict) or "script" not in state:
+        raise UsageError(f"{path} is not a checkpoint of these scripts")
+    if state["script"] != script:
+        raise UsageError(f"checkpoint {path} was written by {state['script']}.py, not {script}.py")
+    return state
+
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_finite(step, **tensors):
+    """Raise Diverged if any loss is NaN/inf (called at log steps, where we sync anyway)."""
+    bad = [k for k, v in tensors.items() if not math.isfinite(float(v.detach() if torch.is_tensor(v) else v))]
+    if bad:
+        raise Diverged(f"{', '.join(bad)} became non-finite at step {step}")
+
+
+class Meter:
+    """Sums per-step statistics on the device; `.read()` syncs once and returns their means."""
+
+    def __init__(self):
+        self.sums, self.n = {}, 0
+
+    def add(self, **stats):
+        for k, v in stats.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.n += 1
+
+    def read(self):
+        out = {k: (v / self.n).item() for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return out
+
+
+class Run:
+    """A training run's directory and clock: args.json, metrics.jsonl, the progress line, stopping.
+
+    Stops when the step limit, the wall-clock limit (--max-minutes, counted from `start()`),
+    or Ctrl-C comes first; Ctrl-C only raises a flag, so the loop finishes its step and the
+    script writes its checkpoint and plots. A second Ctrl-C kills as usual.
+    """
+
+    def __init__(self, args, script, total_steps, batches):
+        if args.out is None:
+            args.out = str(Path("runs") / f"{script}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+        self.dir = Path(args.out)
+        (self.dir / "samples").mkdir(parents=True, exist_ok=True)
+        (self.dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.script, self.total, self.batches = script, total_steps, batches
+        self.max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
+        self.interrupted = False
+        self.tty = sys.stdout.isatty()
+        self._last_print = 0.0
+
+    def start(self, step):
+        self.t0 = self._t_log = time.time()
+        self._step_log = self.first_step = step
+        self._pos_log = self.batches.position
+        self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame):
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def elapsed(self):
+        return time.time() - self.t0
+
+    def should_stop(self, step):
+        return (step >= self.total or self.interrupted
+                or (self.max_seconds is not None and self.elapsed() >= self.max_seconds))
+
+    def log(self, step, epoch, record):
+        """Append one JSON line (adds real images/s since the last log) and refresh the progress line."""
+        now = time.time()
+        record = {"step": step, "epoch": epoch, **record}
+        if step > self._step_log:  # an evaluation logged at the same step has no rate of its own
+            images = (self.batches.position - self._pos_log) * self.batches.batch_size
+            record["images_per_s"] = round(images / (now - self._t_log), 1)
+            self._t_log, self._step_log, self._pos_log = now, step, self.batches.position
+        record["elapsed_s"] = round(self.elapsed(), 1)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.progress(step, epoch, record)
+
+    def progress(self, step, epoch, record):
+        left = (self.total - step) * (self.elapsed() / max(step - self.first_step, 1))
+        if self.max_seconds is not None:
+            left = min(left, self.max_seconds - self.elapsed())
+        losses = " ".join(f"{k}={v:.3g}" for k, v in record.items()
+                          if isinstance(v, float) and k.startswith(("loss", "w_", "cls_fid", "fid")))
+        total = self.total if self.total < 10**12 else "?"
+        line = (f"{self.script} step {step}/{total} ep {epoch} {losses} "
+                f"{record.get('images_per_s', 0):.0f} img/s ETA {left / 60:.1f} min")
+        if self.tty:
+            print("\r" + line[:150].ljust(150), end="", flush=True)
+        elif time.time() - self._last_print > 30:  # logs and CI: a line every 30 s at most
+            print(line, flush=True)
+            self._last_print = time.time()
+
+    def close(self):
+        signal.signal(signal.SIGINT, self._old_handler)
+        if self.tty:
+            print()
+
+    def write_summary(self, step, epoch, metrics, source, reason):
+        summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"{self.script}: {reason} at step {step} (epoch {epoch}, {self.elapsed() / 60:.1f} min) "
+              f"{summary or 'no metrics'} [{source}] -> {self.dir}", flush=True)
+
+
+def save_grid(images, path, nrow=8):
+    """Save images in [-1, 1] as one PNG grid."""
+    import torchvision.utils as vutils
+    vutils.save_image(images.detach().float().cpu(), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=2)
+
+
+def make_gif(sample_dir, path, ms_per_frame=250):
+    """progress.gif from the step_*.png grids, in step order; the last frame is held longer."""
+    from PIL import Image
+    frames = sorted(Path(sample_dir).glob("step_*.png"))
+    if not frames:
+        return
+    images = [Image.open(f).convert("P", palette=Image.ADAPTIVE) for f in frames]
+    durations = [ms_per_frame] * (len(images) - 1) + [2000]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_metrics(metrics_path, out_path, panels):
+    """One figure, one subplot per panel, against the generator step.
+
+    A panel is (title, [keys]) or (title, [keys], [keys on a right-hand axis]); the second form
+    puts two quantities of different scale on one time axis (e.g. a critic's estimate and FID).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_metrics(metrics_path)
+
+    def series(k):
+        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+        return list(zip(*pts)) if pts else None
+
+    panels = [(p[0], p[1], p[2] if len(p) > 2 else []) for p in panels]
+    panels = [p for p in panels if any(series(k) for k in p[1] + p[2])]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
+    for ax, (title, left, right) in zip(axes[0], panels):
+        lines = []
+        for axis, keys, styles in ((ax, left, ["C0", "C1", "C2", "C3"]), (ax.twinx() if right else None, right, ["C3", "C4"])):
+            for k, color in zip(keys, styles):
+                s = series(k)
+                if s:
+                    lines += axis.plot(s[0], s[1], color=color, label=k, marker="o" if len(s[0]) < 30 else None, ms=3)
+            if right and axis is not ax:
+                axis.set_ylabel(", ".join(right))
+        ax.set_title(title)
+        ax.set_xlabel("generator step")
+        ax.grid(alpha=0.3)
+        ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+def interpolate(z0, z1, steps, mode="slerp"):
+    """Points from z0 to z1 (both ends included): (steps, *z0.shape).
+
+    `slerp` follows the great circle (White 2016), which keeps Gaussian latents at a typical
+    norm; `linear` passes near the origin, where a Gaussian prior has little mass.
+    """
+    t = torch.linspace(0, 1, steps, device=z0.device, dtype=z0.dtype).view(-1, *([1] * z0.dim()))
+    if mode == "linear":
+        return (1 - t) * z0 + t * z1
+    a, b = z0.flatten(), z1.flatten()
+    omega = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))
+    if omega.abs() < 1e-4:  # (anti)parallel enough that the formula is 0/0: fall back to lerp
+        return (1 - t) * z0 + t * z1
+    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
+
+
+def write_generated(out_dir, images, labels=None):
+    """--generate's output: OUT/generated.npz with uint8 `images` (N, C, H, W) [and int64 `labels`]."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {"images": to_uint8(images).cpu().numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy().astype(np.int64)
+    path = out_dir / "generated.npz"
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train and cache the evaluation classifier of an MNIST-like dataset.")
+    p.add_argument("--dataset", default="fashion-mnist", choices=DIGIT_LIKE)
+    p.add_argument("--data-root", default="./data")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    args = p.parse_args(argv)
+    try:
+        net = get_classifier(args.dataset, args.data_root, pick_device(args.device))
+    except UsageError as e:
+        fail("common.py", e)
+    print(f"{args.dataset} classifier: test accuracy {net.test_accuracy:.4f}")
+
+
+if __name__ == "__main__":
+    main()

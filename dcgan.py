@@ -1,0 +1,350 @@
+"""DCGAN (Radford, Metz & Chintala 2015, arXiv:1511.06434) and a fully connected GAN, one file.
+
+    python dcgan.py --dataset fashion-mnist --max-minutes 5       # 28 px, CPU-friendly
+    python dcgan.py --dataset celeba --image-size 64 --epochs 5   # the paper's 64 px stack
+    python dcgan.py --dataset mnist --arch mlp                    # the MLP GAN of the seed reports
+    python dcgan.py --generate 1000 --checkpoint runs/<run>/checkpoint.pt
+
+Generator: a projection of z to s0 x s0, then stride-2 transposed convolutions with BatchNorm and
+ReLU, tanh at the output. Discriminator: stride-2 convolutions with LeakyReLU(0.2) and BatchNorm
+(none on its input layer), one logit out. N(0, 0.02) initialisation, Adam(2e-4, 0.5, 0.999),
+the non-saturating loss. All as in the paper's Section 3 and 4.
+
+Writes into --out: args.json, metrics.jsonl, samples/step_*.png (the same 64 z at every step),
+progress.gif, losses.png (losses, D accuracy, D outputs, FID), interpolation.png, checkpoint.pt.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+SCRIPT = "dcgan"
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model and optimisation (defaults: Radford et al. 2015, Sec. 4)")
+    m.add_argument("--arch", default="conv", choices=("conv", "mlp"),
+                   help="conv: DCGAN; mlp: 3 hidden layers in G and in D (the reports' MLP GAN)")
+    m.add_argument("--width", type=common.positive_int, default=64,
+                   help="channels of G's last and D's first conv layer, doubling per layer (ngf = ndf = 64 in the paper's code)")
+    m.add_argument("--latent-dim", type=common.positive_int, default=100, help="size of z ~ N(0, I); 100 in the paper")
+    m.add_argument("--batch-size", type=common.positive_int, default=128, help="128 in the paper")
+    m.add_argument("--epochs", type=common.positive_int, default=25, help="passes over the data (25 in pytorch/examples' DCGAN)")
+    m.add_argument("--lr-g", type=float, default=2e-4, help="G's Adam learning rate; 2e-4 in the paper")
+    m.add_argument("--lr-d", type=float, default=2e-4, help="D's Adam learning rate; 2e-4 in the paper")
+    m.add_argument("--beta1", type=float, default=0.5, help="Adam beta1; 0.5 in the paper (0.9 oscillated)")
+    m.add_argument("--beta2", type=float, default=0.999, help="Adam beta2; 0.999 (Adam's default) in the paper")
+    m.add_argument("--n-dis", type=common.positive_int, default=1, help="D steps per iteration; 1 in the paper")
+    m.add_argument("--n-gen", type=common.positive_int, default=1, help="G steps per iteration; 1 in the paper")
+    m.add_argument("--d-dropout", type=float, default=0.0,
+                   help="dropout after each of D's LeakyReLUs; 0 in the paper (the reports try 0.3 and 0.7)")
+    common.add_common_args(p, SCRIPT)
+    args = p.parse_args(argv)
+    if not 0 <= args.d_dropout < 1:
+        p.error(f"--d-dropout must be in [0, 1), got {args.d_dropout}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+
+def conv_plan(image_size):
+    """DCGAN's stacks start (G) or end (D) at s0 x s0 and double n times: image_size = s0 * 2**n."""
+    s0, n = image_size, 0
+    while s0 % 2 == 0 and s0 // 2 >= 3:
+        s0, n = s0 // 2, n + 1
+    if n < 2 or s0 > 7:
+        raise common.UsageError(f"--arch conv cannot make {image_size}x{image_size} images: the size must be "
+                                f"s*2^n with s in 3..7 and n >= 2 (e.g. 16, 28, 32, 48, 64, 96, 128)")
+    return s0, n
+
+
+def init_weights(m):
+    """N(0, 0.02) for every weight, BatchNorm scale N(1, 0.02) (Radford et al. 2015, Sec. 4)."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """z -> image. For 64 px and width w: (8w,4,4) -> (4w,8,8) -> (2w,16,16) -> (w,32,32) -> (C,64,64);
+    for 28 px: (2w,7,7) -> (w,14,14) -> (C,28,28)."""
+
+    def __init__(self, latent_dim, channels, image_size, width=64):
+        super().__init__()
+        s0, n = conv_plan(image_size)
+        ch = width * 2 ** (n - 1)
+        layers = [nn.ConvTranspose2d(latent_dim, ch, s0, 1, 0, bias=False),  # (ch, s0, s0): the "project and reshape"
+                  nn.BatchNorm2d(ch), nn.ReLU(True)]
+        for _ in range(n - 1):
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),  # (ch/2, 2H, 2W)
+                       nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
+            ch //= 2
+        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1, bias=False), nn.Tanh()]  # (C, size, size); no BN at the output
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z.view(z.shape[0], -1, 1, 1))
+
+
+class Discriminator(nn.Module):
+    """image -> one logit. The mirror of G: (w, size/2) -> (2w, size/4) -> ... -> (top, s0, s0) -> (1,1,1)."""
+
+    def __init__(self, channels, image_size, width=64, dropout=0.0):
+        super().__init__()
+        s0, n = conv_plan(image_size)
+        drop = [nn.Dropout(dropout)] if dropout > 0 else []
+        ch = width
+        layers = [nn.Conv2d(channels, ch, 4, 2, 1, bias=False),  # (w, size/2, size/2); no BN on the input layer (Sec. 3)
+                  nn.LeakyReLU(0.2, True), *drop]
+        for _ in range(n - 1):
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),  # (2ch, H/2, W/2)
+                       nn.BatchNorm2d(ch * 2), nn.LeakyReLU(0.2, True), *drop]
+            ch *= 2
+        layers += [nn.Conv2d(ch, 1, s0, 1, 0, bias=False)]  # (1, 1, 1): a logit, no sigmoid (the loss takes logits)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x).view(-1)
+
+
+class MLPGenerator(nn.Module):
+    """z -> 256 -> 512 -> 1024 -> C*H*W, LeakyReLU(0.2) and BatchNorm in the hidden layers."""
+
+    def __init__(self, latent_dim, channels, image_size):
+        super().__init__()
+        self.shape = (channels, image_size, image_size)
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, 256), nn.LeakyReLU(0.2, True),
+            nn.Linear(256, 512), nn.BatchNorm1d(512), nn.LeakyReLU(0.2, True),  # BatchNorm1d(512): eps stays 1e-5
+            nn.Linear(512, 1024), nn.BatchNorm1d(1024), nn.LeakyReLU(0.2, True),
+            nn.Linear(1024, math.prod(self.shape)), nn.Tanh(),
+        )
+
+    def forward(self, z):
+        return self.net(z).view(z.shape[0], *self.shape)
+
+
+class MLPDiscriminator(nn.Module):
+    """C*H*W -> 512 -> 256 -> 1 logit, LeakyReLU(0.2), optional dropout."""
+
+    def __init__(self, channels, image_size, dropout=0.0):
+        super().__init__()
+        drop = [nn.Dropout(dropout)] if dropout > 0 else []
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels * image_size ** 2, 512), nn.LeakyReLU(0.2, True), *drop,
+            nn.Linear(512, 256), nn.LeakyReLU(0.2, True), *drop,
+            nn.Linear(256, 1),
+        )
+
+    def forward(self, x):
+        return self.net(x).view(-1)
+
+
+def build_generator(args, channels):
+    if args.arch == "mlp":
+        G = MLPGenerator(args.latent_dim, channels, args.image_size)
+    else:
+        G = Generator(args.latent_dim, channels, args.image_size, args.width)
+    return G.apply(init_weights)
+
+
+def build_discriminator(args, channels):
+    if args.arch == "mlp":
+        D = MLPDiscriminator(channels, args.image_size, args.d_dropout)
+    else:
+        D = Discriminator(channels, args.image_size, args.width, args.d_dropout)
+    return D.apply(init_weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses, from logits: log sigmoid(l) = -softplus(-l) and log(1 - sigmoid(l)) = -softplus(l), exact and stable
+# ----------------------------------------------------------------------------------------------
+
+def d_loss(real_logits, fake_logits):
+    """D maximises log D(x) + log(1 - D(G(z)))  (Goodfellow et al. 2014, Eq. 1)."""
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def g_loss(fake_logits):
+    """Non-saturating: G maximises log D(G(z)) instead of minimising log(1 - D(G(z))) (Goodfellow et al. 2014, Sec. 3)."""
+    return F.softplus(-fake_logits).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_images(G, z):
+    """Samples in eval mode (BatchNorm uses its running statistics, not the batch's), then back to train."""
+    G.eval()
+    x = torch.cat([G(chunk) for chunk in z.split(500)])
+    G.train()
+    return x
+
+
+def train(args):
+    device = common.pick_device(args.device)
+    state = None
+    if args.resume:
+        state = common.load_checkpoint(args.resume, SCRIPT)
+        args = common.resume_args(args, state, args.resume)
+    args.image_size = args.image_size or common.NATIVE_SIZE[args.dataset]
+    if args.arch == "conv":
+        conv_plan(args.image_size)  # a size the stack cannot make fails before the data is loaded
+    common.seed_everything(args.seed)
+    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
+    G = build_generator(args, data.channels).to(device)
+    D = build_discriminator(args, data.channels).to(device)
+    opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2))
+    fixed_z = torch.randn(64, args.latent_dim, device=device)  # the same z in every sample grid
+    step, position = 0, 0
+    if state is not None:
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        fixed_z, step, position = state["fixed_z"].to(device), state["step"], state["position"]
+        common.set_rng_state(state["rng"])
+    batches = common.Batches(data, args.batch_size, args.seed, position)
+    total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
+    run = common.Run(args, SCRIPT, total, batches)
+    evaluator = common.Evaluator(data, args.data_root, device, args.eval_samples, args.seed)
+    amp = not args.no_amp
+
+    def sample_for_eval(n, generator):
+        return sample_images(G, torch.randn(n, args.latent_dim, device=device, generator=generator)), None
+
+    def save(step):
+        common.save_checkpoint(run.dir / "checkpoint.pt", {
+            "script": SCRIPT, "args": vars(args), "step": step, "position": batches.position,
+            "data": {"channels": data.channels, "image_size": data.image_size, "num_classes": data.num_classes},
+            "G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
+            "fixed_z": fixed_z, "rng": common.rng_state()})
+        common.save_grid(sample_images(G, fixed_z), run.dir / "samples" / f"step_{step:07d}.png")
+
+    meter, metrics, saved_step = common.Meter(), {}, step
+    run.start(step)
+    if step == 0:
+        save(0)
+    try:
+        while not run.should_stop(step):
+            # D step: minimise softplus(-D(x)) + softplus(D(G(z)))  (Goodfellow et al. 2014, Eq. 1)
+            for _ in range(args.n_dis):
+                real, _ = batches.next()
+                z = torch.randn(real.shape[0], args.latent_dim, device=device)
+                with common.autocast(device, amp):
+                    fake = G(z).detach()  # D's step must not push gradients into G
+                    real_logits, fake_logits = D(real), D(fake)
+                    loss_d = d_loss(real_logits, fake_logits)
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+
+            # G step: minimise softplus(-D(G(z))), the non-saturating loss (Goodfellow et al. 2014, Sec. 3)
+            D.requires_grad_(False)  # gradients flow through D to G, but D's own weight gradients are not needed
+            for _ in range(args.n_gen):
+                z = torch.randn(args.batch_size, args.latent_dim, device=device)
+                with common.autocast(device, amp):
+                    loss_g = g_loss(D(G(z)))
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+            D.requires_grad_(True)
+            step += 1
+
+            meter.add(loss_d=loss_d, loss_g=loss_g,
+                      d_real=torch.sigmoid(real_logits).mean(), d_fake=torch.sigmoid(fake_logits).mean(),
+                      acc_real=(real_logits > 0).float().mean(), acc_fake=(fake_logits < 0).float().mean())
+            if step % args.log_every == 0:  # the only host syncs of the loop
+                stats = meter.read()
+                common.check_finite(step, loss_d=stats["loss_d"], loss_g=stats["loss_g"])
+                run.log(step, batches.epoch, stats)
+            if step % args.sample_every == 0:
+                common.check_finite(step, loss_d=loss_d, loss_g=loss_g)  # never save a diverged model
+                save(step)
+                saved_step = step
+            if args.eval_every and step % args.eval_every == 0 and step < total:
+                metrics = evaluator(sample_for_eval)
+                run.log(step, batches.epoch, metrics)
+    except common.Diverged as e:
+        run.close()
+        finish_plots(run)
+        print(f"{SCRIPT}.py: error: {e}; stopped. Last good checkpoint: {run.dir / 'checkpoint.pt'} "
+              f"(step {saved_step})", file=sys.stderr)
+        raise SystemExit(1) from None
+    run.close()
+
+    if step != saved_step:
+        common.check_finite(step, loss_d=loss_d, loss_g=loss_g)
+        save(step)
+    if run.interrupted:
+        finish_plots(run)
+        print(f"{SCRIPT}.py: interrupted at step {step}; checkpoint and plots in {run.dir}", file=sys.stderr)
+        raise SystemExit(130)
+    metrics = evaluator(sample_for_eval)
+    if metrics:
+        run.log(step, batches.epoch, metrics)
+    finish_plots(run)
+    # Interpolation: 8 rows of 10 steps along the great circle between random z pairs.
+    g = torch.Generator(device).manual_seed(args.seed + 3)
+    z0, z1 = torch.randn(2, 8, args.latent_dim, device=device, generator=g)
+    path = torch.stack([common.interpolate(a, b, 10, "slerp") for a, b in zip(z0, z1)])  # (8, 10, latent)
+    common.save_grid(sample_images(G, path.flatten(0, 1)), run.dir / "interpolation.png", nrow=10)
+    reason = "time limit" if step < total else "done"
+    run.write_summary(step, batches.epoch, metrics, evaluator.source, reason)
+    return run.dir
+
+
+def finish_plots(run):
+    common.plot_metrics(run.metrics_path, run.dir / "losses.png", [
+        ("losses", ["loss_d", "loss_g"]),
+        ("D accuracy (0.5 = fooled)", ["acc_real", "acc_fake"]),
+        ("D output sigmoid(D(.))", ["d_real", "d_fake"]),
+        ("FID (lower is better)", ["cls_fid", "fid"]),
+    ])
+    common.make_gif(run.dir / "samples", run.dir / "progress.gif")
+
+
+def generate(args):
+    """--generate N: load G from --checkpoint and write N samples; needs no dataset."""
+    if not args.checkpoint:
+        raise common.UsageError("--generate needs --checkpoint PATH")
+    state = common.load_checkpoint(args.checkpoint, SCRIPT)
+    saved = argparse.Namespace(**state["args"])
+    device = common.pick_device(args.device)
+    G = build_generator(saved, state["data"]["channels"]).to(device)
+    G.load_state_dict(state["G"])
+    z = torch.randn(args.generate, saved.latent_dim, device=device,
+                    generator=torch.Generator(device).manual_seed(args.seed))
+    path = common.write_generated(args.out or Path(args.checkpoint).parent, sample_images(G, z))
+    print(f"{SCRIPT}: wrote {args.generate} samples to {path}")
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return generate(args) if args.generate else train(args)
+    except common.UsageError as e:
+        common.fail(f"{SCRIPT}.py", e)
+
+
+if __name__ == "__main__":
+    main()
