@@ -413,7 +413,7 @@ def _get_classifier(dataset, data_root, device, epochs, verbose):
               file=sys.stderr)
     net = Classifier(train.channels, size, train.num_classes).to(device)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    batches = Batches(train, 256, seed=1234)
+    batches = Batches(train, min(256, len(train)), seed=1234)
     steps = epochs * batches.per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
     net.train()
@@ -624,13 +624,34 @@ RESUMABLE = {"resume", "max_steps", "epochs", "max_minutes", "device", "out", "l
              "sample_every", "eval_every", "eval_samples", "no_amp", "generate", "checkpoint"}
 
 
-def resume_args(args, state, resume_path):
-    """The checkpoint's settings, with the flags of RESUMABLE taken from this command line."""
+def resume(args, script):
+    """With --resume: (the checkpoint's settings with this command line's RESUMABLE flags, its state).
+    Without: (args, None)."""
+    if not args.resume:
+        return args, None
+    state = load_checkpoint(args.resume, script)
     merged = dict(state["args"])
     merged.update({k: v for k, v in vars(args).items() if k in RESUMABLE})
     if args.out is None:  # by default a resumed run goes on in its own directory
-        merged["out"] = str(Path(resume_path).parent)
-    return argparse.Namespace(**merged)
+        merged["out"] = str(Path(args.resume).parent)
+    return argparse.Namespace(**merged), state
+
+
+def restore(state, **objects):
+    """Load every model's and optimiser's state, then the RNG states (last: building them drew from the RNG).
+    Returns (step, batches consumed)."""
+    for name, obj in objects.items():
+        obj.load_state_dict(state[name])
+    set_rng_state(state["rng"])
+    return state["step"], state["position"]
+
+
+def load_for_generate(args, script):
+    """For --generate: (the run's saved settings, its checkpoint, the device)."""
+    if not args.checkpoint:
+        raise UsageError("--generate needs --checkpoint PATH")
+    state = load_checkpoint(args.checkpoint, script)
+    return argparse.Namespace(**state["args"]), state, pick_device(args.device)
 
 
 def save_checkpoint(path, state):
@@ -709,9 +730,10 @@ class Run:
         (self.dir / "samples").mkdir(parents=True, exist_ok=True)
         (self.dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
         self.metrics_path = self.dir / "metrics.jsonl"
-        self.script, self.total, self.batches = script, total_steps, batches
+        self.script, self.args, self.total, self.batches = script, args, total_steps, batches
+        self.saved_step = None
         self.max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
-        self.interrupted = False
+        self.interrupted, self._old_handler = False, None
         self.tty = sys.stdout.isatty()
         self._last_print = 0.0
 
@@ -761,9 +783,42 @@ class Run:
             self._last_print = time.time()
 
     def close(self):
-        signal.signal(signal.SIGINT, self._old_handler)
+        if self._old_handler is not None:
+            signal.signal(signal.SIGINT, self._old_handler)
+            self._old_handler = None
         if self.tty:
             print()
+
+    def save(self, step, **objects):
+        """checkpoint.pt with everything needed to continue exactly: the state_dict of every model and
+        optimiser passed, other values (fixed noise) as they are, step, data position, RNG states, args."""
+        if step > 0:
+            self.check_finite_params(step, objects)
+        data = self.batches.data
+        save_checkpoint(self.dir / "checkpoint.pt", {
+            "script": self.script, "args": vars(self.args), "step": step, "position": self.batches.position,
+            "data": {"channels": data.channels, "image_size": data.image_size, "num_classes": data.num_classes},
+            "rng": rng_state(),
+            **{k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in objects.items()}})
+        self.saved_step = step
+
+    @staticmethod
+    def check_finite_params(step, objects):
+        """Never overwrite the last good checkpoint with a diverged model."""
+        for name, obj in objects.items():
+            if isinstance(obj, nn.Module) and not all(torch.isfinite(p).all() for p in obj.parameters()):
+                raise Diverged(f"{name}'s weights became non-finite by step {step}")
+
+    def diverged(self, err):
+        """After Diverged: say where the last good checkpoint is and exit 1."""
+        self.close()
+        print(f"{self.script}.py: error: {err}; stopped. Last good checkpoint: {self.dir / 'checkpoint.pt'} "
+              f"(step {self.saved_step})", file=sys.stderr)
+        raise SystemExit(1)
+
+    def interrupted_exit(self, step):
+        print(f"{self.script}.py: interrupted at step {step}; checkpoint and plots in {self.dir}", file=sys.stderr)
+        raise SystemExit(130)
 
     def write_summary(self, step, epoch, metrics, source, reason):
         summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
@@ -829,6 +884,62 @@ def plot_metrics(metrics_path, out_path, panels):
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
     plt.close(fig)
+
+
+def save_predictions(evaluator, images, path, asked=None, class_names=None):
+    """A figure of samples, each titled with the evaluation classifier's label (and the asked-for one)."""
+    if evaluator.classifier is None:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    _, probs = evaluator._classify(images)
+    pred = probs.argmax(1).tolist()
+    name = (lambda k: class_names[k]) if class_names else str
+    cols = 10
+    rows = math.ceil(len(images) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i >= len(images):
+            continue
+        img = images[i].detach().float().cpu().add(1).div(2).clamp(0, 1).numpy()
+        ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+        if asked is None:
+            ax.set_title(f"{name(pred[i])}", fontsize=8)
+        else:
+            ok = pred[i] == int(asked[i])
+            ax.set_title(f"{name(int(asked[i]))}->{name(pred[i])}", fontsize=7, color="black" if ok else "red")
+    fig.suptitle("classifier's label" + ("" if asked is None else " (asked->seen; red: mismatch)"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_class_histogram(metrics_path, out_path, class_names=None):
+    """Bar chart of the class histogram of samples at the last evaluation (uniform = every class made)."""
+    rows = [r for r in read_metrics(metrics_path) if "cls_hist" in r]
+    if not rows:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    hist = rows[-1]["cls_hist"]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(range(len(hist)), hist)
+    ax.axhline(1 / len(hist), color="gray", ls="--", lw=1, label="uniform")
+    ax.set_xticks(range(len(hist)), class_names or [str(k) for k in range(len(hist))], fontsize=7)
+    ax.set_ylabel("share of samples")
+    ax.set_title(f"classes of generated images (classifier), step {rows[-1]['step']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+
+
+CLASS_NAMES = {
+    "fashion-mnist": ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"],
+}
 
 
 def interpolate(z0, z1, steps, mode="slerp"):

@@ -11,12 +11,12 @@ ReLU, tanh at the output. Discriminator: stride-2 convolutions with LeakyReLU(0.
 the non-saturating loss. All as in the paper's Section 3 and 4.
 
 Writes into --out: args.json, metrics.jsonl, samples/step_*.png (the same 64 z at every step),
-progress.gif, losses.png (losses, D accuracy, D outputs, FID), interpolation.png, checkpoint.pt.
+progress.gif, losses.png (losses, D accuracy, D outputs, FID), interpolation.png, checkpoint.pt and,
+for MNIST-like data, class_histogram.png and predictions.png (20 samples titled with the classifier's label).
 """
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -200,10 +200,7 @@ def sample_images(G, z):
 
 def train(args):
     device = common.pick_device(args.device)
-    state = None
-    if args.resume:
-        state = common.load_checkpoint(args.resume, SCRIPT)
-        args = common.resume_args(args, state, args.resume)
+    args, state = common.resume(args, SCRIPT)  # --resume: the checkpoint's settings and state
     args.image_size = args.image_size or common.NATIVE_SIZE[args.dataset]
     if args.arch == "conv":
         conv_plan(args.image_size)  # a size the stack cannot make fails before the data is loaded
@@ -216,12 +213,8 @@ def train(args):
     fixed_z = torch.randn(64, args.latent_dim, device=device)  # the same z in every sample grid
     step, position = 0, 0
     if state is not None:
-        G.load_state_dict(state["G"])
-        D.load_state_dict(state["D"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        fixed_z, step, position = state["fixed_z"].to(device), state["step"], state["position"]
-        common.set_rng_state(state["rng"])
+        step, position = common.restore(state, G=G, D=D, opt_g=opt_g, opt_d=opt_d)
+        fixed_z = state["fixed_z"].to(device)
     batches = common.Batches(data, args.batch_size, args.seed, position)
     total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
     run = common.Run(args, SCRIPT, total, batches)
@@ -232,16 +225,22 @@ def train(args):
         return sample_images(G, torch.randn(n, args.latent_dim, device=device, generator=generator)), None
 
     def save(step):
-        common.save_checkpoint(run.dir / "checkpoint.pt", {
-            "script": SCRIPT, "args": vars(args), "step": step, "position": batches.position,
-            "data": {"channels": data.channels, "image_size": data.image_size, "num_classes": data.num_classes},
-            "G": G.state_dict(), "D": D.state_dict(), "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(),
-            "fixed_z": fixed_z, "rng": common.rng_state()})
+        run.save(step, G=G, D=D, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
         common.save_grid(sample_images(G, fixed_z), run.dir / "samples" / f"step_{step:07d}.png")
 
-    meter, metrics, saved_step = common.Meter(), {}, step
+    def plots():
+        common.plot_metrics(run.metrics_path, run.dir / "losses.png", [
+            ("losses", ["loss_d", "loss_g"]),
+            ("D accuracy (0.5 = fooled)", ["acc_real", "acc_fake"]),
+            ("D output sigmoid(D(.))", ["d_real", "d_fake"]),
+            ("FID (lower is better)", ["cls_fid", "fid"]),
+        ])
+        common.plot_class_histogram(run.metrics_path, run.dir / "class_histogram.png", common.CLASS_NAMES.get(args.dataset))
+        common.make_gif(run.dir / "samples", run.dir / "progress.gif")
+
+    meter, metrics = common.Meter(), {}
     run.start(step)
-    if step == 0:
+    if state is None:
         save(0)
     try:
         while not run.should_stop(step):
@@ -277,58 +276,39 @@ def train(args):
                 common.check_finite(step, loss_d=stats["loss_d"], loss_g=stats["loss_g"])
                 run.log(step, batches.epoch, stats)
             if step % args.sample_every == 0:
-                common.check_finite(step, loss_d=loss_d, loss_g=loss_g)  # never save a diverged model
                 save(step)
-                saved_step = step
             if args.eval_every and step % args.eval_every == 0 and step < total:
                 metrics = evaluator(sample_for_eval)
                 run.log(step, batches.epoch, metrics)
+        if step != run.saved_step:
+            save(step)
     except common.Diverged as e:
-        run.close()
-        finish_plots(run)
-        print(f"{SCRIPT}.py: error: {e}; stopped. Last good checkpoint: {run.dir / 'checkpoint.pt'} "
-              f"(step {saved_step})", file=sys.stderr)
-        raise SystemExit(1) from None
+        plots()
+        run.diverged(e)
     run.close()
-
-    if step != saved_step:
-        common.check_finite(step, loss_d=loss_d, loss_g=loss_g)
-        save(step)
     if run.interrupted:
-        finish_plots(run)
-        print(f"{SCRIPT}.py: interrupted at step {step}; checkpoint and plots in {run.dir}", file=sys.stderr)
-        raise SystemExit(130)
+        plots()
+        run.interrupted_exit(step)
+
     metrics = evaluator(sample_for_eval)
     if metrics:
         run.log(step, batches.epoch, metrics)
-    finish_plots(run)
+    plots()
     # Interpolation: 8 rows of 10 steps along the great circle between random z pairs.
     g = torch.Generator(device).manual_seed(args.seed + 3)
     z0, z1 = torch.randn(2, 8, args.latent_dim, device=device, generator=g)
     path = torch.stack([common.interpolate(a, b, 10, "slerp") for a, b in zip(z0, z1)])  # (8, 10, latent)
     common.save_grid(sample_images(G, path.flatten(0, 1)), run.dir / "interpolation.png", nrow=10)
-    reason = "time limit" if step < total else "done"
-    run.write_summary(step, batches.epoch, metrics, evaluator.source, reason)
+    z20 = torch.randn(20, args.latent_dim, device=device, generator=g)
+    common.save_predictions(evaluator, sample_images(G, z20), run.dir / "predictions.png",
+                            class_names=common.CLASS_NAMES.get(args.dataset))
+    run.write_summary(step, batches.epoch, metrics, evaluator.source, "time limit" if step < total else "done")
     return run.dir
-
-
-def finish_plots(run):
-    common.plot_metrics(run.metrics_path, run.dir / "losses.png", [
-        ("losses", ["loss_d", "loss_g"]),
-        ("D accuracy (0.5 = fooled)", ["acc_real", "acc_fake"]),
-        ("D output sigmoid(D(.))", ["d_real", "d_fake"]),
-        ("FID (lower is better)", ["cls_fid", "fid"]),
-    ])
-    common.make_gif(run.dir / "samples", run.dir / "progress.gif")
 
 
 def generate(args):
     """--generate N: load G from --checkpoint and write N samples; needs no dataset."""
-    if not args.checkpoint:
-        raise common.UsageError("--generate needs --checkpoint PATH")
-    state = common.load_checkpoint(args.checkpoint, SCRIPT)
-    saved = argparse.Namespace(**state["args"])
-    device = common.pick_device(args.device)
+    saved, state, device = common.load_for_generate(args, SCRIPT)
     G = build_generator(saved, state["data"]["channels"]).to(device)
     G.load_state_dict(state["G"])
     z = torch.randn(args.generate, saved.latent_dim, device=device,

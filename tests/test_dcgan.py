@@ -71,6 +71,7 @@ def test_training_really_happens(arch, tmp_path, data_root):
                                         "--out", out, "--data-root", data_root])
     assert code == 0
     for name in ("args.json", "metrics.jsonl", "checkpoint.pt", "losses.png", "interpolation.png", "progress.gif",
+                 "class_histogram.png", "predictions.png",
                  "samples/step_0000000.png", "samples/step_0000004.png", "samples/step_0000008.png"):
         assert (out / name).exists(), name
     rows = read_jsonl(out / "metrics.jsonl")

@@ -1,0 +1,336 @@
+"""WGAN with weight clipping (Arjovsky, Chintala & Bottou 2017, arXiv:1701.07875).
+
+    python wgan_clip.py --dataset fashion-mnist --max-minutes 10 --eval-every 250 --eval-samples 2000
+    python wgan_clip.py --dataset celeba --image-size 64
+    python wgan_clip.py --dataset mnist --arch mlp
+    python wgan_clip.py --generate 1000 --checkpoint runs/<run>/checkpoint.pt
+
+The critic D has no sigmoid; it maximises E[D(x)] - E[D(G(z))], an estimate of the Wasserstein
+distance up to a constant, as long as D stays K-Lipschitz. Clipping every critic weight to
+[-c, c] after each critic step keeps it so (crudely: Sec. 3 of the paper). G minimises
+-E[D(G(z))]. The logged `w_estimate` is the critic's E[D(x)] - E[D(G(z))]; the paper's Figures 3-4
+show it falls as the samples improve. RMSProp, not Adam, because momentum made training
+unstable (Sec. 4).
+
+Writes into --out: args.json, metrics.jsonl, samples/step_*.png, progress.gif, losses.png
+(losses, share of weights at the clip bound, the critic's estimate beside cls-FID),
+interpolation.png, checkpoint.pt.
+"""
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import common
+
+SCRIPT = "wgan_clip"
+
+
+def parse_args(argv=None):
+    p = common.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model and optimisation (defaults: Arjovsky et al. 2017, Algorithm 1)")
+    m.add_argument("--arch", default="dcgan", choices=("dcgan", "mlp"),
+                   help="dcgan: DCGAN G and critic; mlp: 4 layers of 512 in G and critic (the paper's Sec. 4.3 MLP)")
+    m.add_argument("--width", type=common.positive_int, default=64,
+                   help="channels of G's last and the critic's first conv layer (64 in the authors' code)")
+    m.add_argument("--critic-bn", default="on", choices=("on", "off"),
+                   help="BatchNorm in the DCGAN critic, as in the authors' code; 'off' for the Sec. 4.3 ablations")
+    m.add_argument("--latent-dim", type=common.positive_int, default=100, help="size of z ~ N(0, I); 100 in the authors' code")
+    m.add_argument("--batch-size", type=common.positive_int, default=64, help="m = 64 in Algorithm 1")
+    m.add_argument("--epochs", type=common.positive_int, default=100, help="passes over the data seen by the critic")
+    m.add_argument("--optimizer", default="rmsprop", choices=("rmsprop", "adam"),
+                   help="RMSProp as in Algorithm 1 (Adam with momentum was unstable, Sec. 4); adam uses --beta1/--beta2")
+    m.add_argument("--lr-g", type=float, default=5e-5, help="G's learning rate; alpha = 5e-5 in Algorithm 1")
+    m.add_argument("--lr-d", type=float, default=5e-5, help="critic's learning rate; alpha = 5e-5 in Algorithm 1")
+    m.add_argument("--beta1", type=float, default=0.5, help="Adam beta1, with --optimizer adam only")
+    m.add_argument("--beta2", type=float, default=0.999, help="Adam beta2, with --optimizer adam only")
+    m.add_argument("--n-dis", type=common.positive_int, default=5, help="critic steps per G step; n_critic = 5 in Algorithm 1")
+    m.add_argument("--n-gen", type=common.positive_int, default=1, help="G steps per iteration; 1 in Algorithm 1")
+    m.add_argument("--clip", type=float, default=0.01, help="clip critic weights to [-c, c]; c = 0.01 in Algorithm 1")
+    m.add_argument("--warmup-critic", default="on", choices=("on", "off"),
+                   help="the authors' schedule: 100 critic steps per G step for the first 25 G steps and every "
+                        "500th, to train the critic near optimality when G changes most; off = always --n-dis")
+    common.add_common_args(p, SCRIPT)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------
+
+def conv_plan(image_size):
+    """The DCGAN stacks start (G) or end (D) at s0 x s0 and double n times: image_size = s0 * 2**n."""
+    s0, n = image_size, 0
+    while s0 % 2 == 0 and s0 // 2 >= 3:
+        s0, n = s0 // 2, n + 1
+    if n < 2 or s0 > 7:
+        raise common.UsageError(f"--arch dcgan cannot make {image_size}x{image_size} images: the size must be "
+                                f"s*2^n with s in 3..7 and n >= 2 (e.g. 16, 28, 32, 48, 64, 96, 128)")
+    return s0, n
+
+
+class Generator(nn.Module):
+    """DCGAN's generator. 28 px: (2w,7,7) -> (w,14,14) -> (C,28,28); 64 px: (8w,4,4) -> ... -> (C,64,64)."""
+
+    def __init__(self, latent_dim, channels, image_size, width=64):
+        super().__init__()
+        s0, n = conv_plan(image_size)
+        ch = width * 2 ** (n - 1)
+        layers = [nn.ConvTranspose2d(latent_dim, ch, s0, 1, 0, bias=False), nn.BatchNorm2d(ch), nn.ReLU(True)]  # (ch, s0, s0)
+        for _ in range(n - 1):
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]  # 2x size
+            ch //= 2
+        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1, bias=False), nn.Tanh()]  # (C, size, size)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z.view(z.shape[0], -1, 1, 1))
+
+
+class Critic(nn.Module):
+    """DCGAN's discriminator with an unbounded score: stride-2 convs, optional BatchNorm, LeakyReLU(0.2)."""
+
+    def __init__(self, channels, image_size, width=64, batchnorm=True):
+        super().__init__()
+        s0, n = conv_plan(image_size)
+        ch = width
+        layers = [nn.Conv2d(channels, ch, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]  # (w, size/2, size/2)
+        for _ in range(n - 1):
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),  # (2ch, H/2, W/2)
+                       nn.BatchNorm2d(ch * 2) if batchnorm else nn.Identity(), nn.LeakyReLU(0.2, True)]
+            ch *= 2
+        layers += [nn.Conv2d(ch, 1, s0, 1, 0, bias=False)]  # (1, 1, 1): the critic's score, no sigmoid
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x).view(-1)
+
+
+class MLPGenerator(nn.Module):
+    def __init__(self, latent_dim, channels, image_size, width=512):
+        super().__init__()
+        self.shape = (channels, image_size, image_size)
+        self.net = nn.Sequential(nn.Linear(latent_dim, width), nn.ReLU(True), nn.Linear(width, width), nn.ReLU(True),
+                                 nn.Linear(width, width), nn.ReLU(True), nn.Linear(width, math.prod(self.shape)), nn.Tanh())
+
+    def forward(self, z):
+        return self.net(z).view(z.shape[0], *self.shape)
+
+
+class MLPCritic(nn.Module):
+    def __init__(self, channels, image_size, width=512):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * image_size ** 2, width), nn.ReLU(True),
+                                 nn.Linear(width, width), nn.ReLU(True), nn.Linear(width, width), nn.ReLU(True),
+                                 nn.Linear(width, 1))
+
+    def forward(self, x):
+        return self.net(x).view(-1)
+
+
+def init_weights(m):
+    """N(0, 0.02) weights and N(1, 0.02) BatchNorm scales, as in the authors' DCGAN code."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+def build_generator(args, channels):
+    if args.arch == "mlp":
+        return MLPGenerator(args.latent_dim, channels, args.image_size, 8 * args.width).apply(init_weights)
+    return Generator(args.latent_dim, channels, args.image_size, args.width).apply(init_weights)
+
+
+def build_critic(args, channels):
+    if args.arch == "mlp":
+        return MLPCritic(channels, args.image_size, 8 * args.width).apply(init_weights)
+    return Critic(channels, args.image_size, args.width, args.critic_bn == "on").apply(init_weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and the Lipschitz constraint
+# ----------------------------------------------------------------------------------------------
+
+def critic_loss(real_scores, fake_scores):
+    """E[D(G(z))] - E[D(x)]: minimising it maximises the critic's Wasserstein estimate (Algorithm 1, line 6)."""
+    return fake_scores.mean() - real_scores.mean()
+
+
+def generator_loss(fake_scores):
+    """-E[D(G(z))] (Algorithm 1, line 10)."""
+    return -fake_scores.mean()
+
+
+@torch.no_grad()
+def clip_weights(critic, c):
+    """w <- clip(w, -c, c) for every critic parameter (Algorithm 1, line 7). BatchNorm's scale and
+    shift are parameters too and are clipped, as in the authors' code; running statistics are buffers."""
+    for p in critic.parameters():
+        p.clamp_(-c, c)
+
+
+@torch.no_grad()
+def share_at_bound(critic, c):
+    """Share of critic weights sitting at +-c: near 1, the critic is a crude, nearly binary function."""
+    n_at = sum((p.abs() >= c * (1 - 1e-6)).sum() for p in critic.parameters())
+    return n_at / sum(p.numel() for p in critic.parameters())
+
+
+def critic_steps(g_step, n_dis, warmup):
+    """Critic steps before G step `g_step` (0-based): 100 early on and every 500th, as the authors' code does."""
+    if warmup and (g_step < 25 or g_step % 500 == 0):
+        return 100
+    return n_dis
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_images(G, z):
+    """Samples with G in eval mode (BatchNorm's running statistics), then back to train mode."""
+    G.eval()
+    x = torch.cat([G(chunk) for chunk in z.split(500)])
+    G.train()
+    return x
+
+
+def make_optimizer(args, params, lr):
+    if args.optimizer == "adam":
+        return torch.optim.Adam(params, lr, betas=(args.beta1, args.beta2))
+    return torch.optim.RMSprop(params, lr)
+
+
+def train(args):
+    device = common.pick_device(args.device)
+    args, state = common.resume(args, SCRIPT)  # --resume: the checkpoint's settings and state
+    args.image_size = args.image_size or common.NATIVE_SIZE[args.dataset]
+    build_generator(args, 1)  # an impossible size fails here, before the data is loaded
+    common.seed_everything(args.seed)
+    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
+    G = build_generator(args, data.channels).to(device)
+    D = build_critic(args, data.channels).to(device)
+    clip_weights(D, args.clip)  # start inside the constraint set
+    opt_g = make_optimizer(args, G.parameters(), args.lr_g)
+    opt_d = make_optimizer(args, D.parameters(), args.lr_d)
+    fixed_z = torch.randn(64, args.latent_dim, device=device)
+    step, position = 0, 0
+    if state is not None:
+        step, position = common.restore(state, G=G, D=D, opt_g=opt_g, opt_d=opt_d)
+        fixed_z = state["fixed_z"].to(device)
+    batches = common.Batches(data, args.batch_size, args.seed, position)
+    warmup = args.warmup_critic == "on"
+    # --epochs counts critic batches at n_dis per G step; the warm-up's extra critic steps come on top.
+    total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
+    run = common.Run(args, SCRIPT, total, batches)
+    evaluator = common.Evaluator(data, args.data_root, device, args.eval_samples, args.seed)
+    amp = not args.no_amp
+
+    def sample_for_eval(n, generator):
+        return sample_images(G, torch.randn(n, args.latent_dim, device=device, generator=generator)), None
+
+    def save(step):
+        run.save(step, G=G, D=D, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
+        common.save_grid(sample_images(G, fixed_z), run.dir / "samples" / f"step_{step:07d}.png")
+
+    def plots():
+        common.plot_metrics(run.metrics_path, run.dir / "losses.png", [
+            ("losses", ["loss_d", "loss_g"]),
+            ("share of critic weights at +-clip", ["clip_share"]),
+            ("critic estimate E[D(x)] - E[D(G(z))] vs FID", ["w_estimate"], ["cls_fid", "fid"]),
+        ])
+        common.make_gif(run.dir / "samples", run.dir / "progress.gif")
+
+    meter, metrics = common.Meter(), {}
+    run.start(step)
+    if state is None:
+        save(0)
+    try:
+        while not run.should_stop(step):
+            # Critic steps: minimise E[D(G(z))] - E[D(x)], then clip the weights  (Algorithm 1, lines 2-8)
+            for _ in range(critic_steps(step, args.n_dis, warmup)):
+                real, _ = batches.next()
+                z = torch.randn(real.shape[0], args.latent_dim, device=device)
+                with common.autocast(device, amp):
+                    fake = G(z).detach()  # the critic's step must not update G
+                    real_scores, fake_scores = D(real), D(fake)
+                    loss_d = critic_loss(real_scores, fake_scores)
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+                clip_weights(D, args.clip)
+
+            # G step: minimise -E[D(G(z))]  (Algorithm 1, line 10)
+            D.requires_grad_(False)  # gradients flow through the critic, its weights need none
+            for _ in range(args.n_gen):
+                z = torch.randn(args.batch_size, args.latent_dim, device=device)
+                with common.autocast(device, amp):
+                    loss_g = generator_loss(D(G(z)))
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+            D.requires_grad_(True)
+            step += 1
+
+            meter.add(loss_d=loss_d, loss_g=loss_g, w_estimate=-loss_d, d_real=real_scores.mean(), d_fake=fake_scores.mean())
+            if step % args.log_every == 0:  # the only host syncs of the loop
+                stats = meter.read()
+                common.check_finite(step, loss_d=stats["loss_d"], loss_g=stats["loss_g"])
+                run.log(step, batches.epoch, {**stats, "clip_share": share_at_bound(D, args.clip).item()})
+            if step % args.sample_every == 0:
+                save(step)
+            if args.eval_every and step % args.eval_every == 0 and step < total:
+                metrics = evaluator(sample_for_eval)
+                run.log(step, batches.epoch, metrics)
+        if step != run.saved_step:
+            save(step)
+    except common.Diverged as e:
+        plots()
+        run.diverged(e)
+    run.close()
+    if run.interrupted:
+        plots()
+        run.interrupted_exit(step)
+
+    metrics = evaluator(sample_for_eval)
+    if metrics:
+        run.log(step, batches.epoch, metrics)
+    plots()
+    g = torch.Generator(device).manual_seed(args.seed + 3)
+    z0, z1 = torch.randn(2, 8, args.latent_dim, device=device, generator=g)
+    path = torch.stack([common.interpolate(a, b, 10, "slerp") for a, b in zip(z0, z1)])  # (8 rows, 10 steps, latent)
+    common.save_grid(sample_images(G, path.flatten(0, 1)), run.dir / "interpolation.png", nrow=10)
+    run.write_summary(step, batches.epoch, metrics, evaluator.source, "time limit" if step < total else "done")
+    return run.dir
+
+
+def generate(args):
+    """--generate N: load G from --checkpoint and write N samples; needs no dataset."""
+    saved, state, device = common.load_for_generate(args, SCRIPT)
+    G = build_generator(saved, state["data"]["channels"]).to(device)
+    G.load_state_dict(state["G"])
+    z = torch.randn(args.generate, saved.latent_dim, device=device,
+                    generator=torch.Generator(device).manual_seed(args.seed))
+    path = common.write_generated(args.out or Path(args.checkpoint).parent, sample_images(G, z))
+    print(f"{SCRIPT}: wrote {args.generate} samples to {path}")
+    return path
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return generate(args) if args.generate else train(args)
+    except common.UsageError as e:
+        common.fail(f"{SCRIPT}.py", e)
+
+
+if __name__ == "__main__":
+    main()
