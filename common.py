@@ -898,7 +898,7 @@ def save_predictions(evaluator, images, path, asked=None, class_names=None):
     name = (lambda k: class_names[k]) if class_names else str
     cols = 10
     rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.8 * rows), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= len(images):
