@@ -573,7 +573,7 @@ def autocast(device, enabled=True):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
-def add_common_args(p, script, image_sizes="see --help"):
+def add_common_args(p, script):
     """The flags of SPEC.md that mean the same in every script (model flags stay in the script)."""
     g = p.add_argument_group("data, run length and output (common to every script)")
     g.add_argument("--dataset", default="mnist", choices=DATASETS,
