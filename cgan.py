@@ -23,7 +23,6 @@ class_histogram.png, predictions.png (20 samples titled asked->seen), interpolat
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -36,11 +35,13 @@ EMBED_DIM = 50  # size of G's learned class embedding with --g-cond embed
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model and optimisation (defaults: DCGAN's, Radford et al. 2015; batch 256 of the first report)")
-    m.add_argument("--arch", default="conv", choices=("conv", "mlp"),
-                   help="conv: DCGAN-style G and D (28/32 px and any s*2^n); mlp: 3 hidden layers each")
-    m.add_argument("--width", type=common.positive_int, default=64, help="channels of G's last and D's first conv layer")
+    m.add_argument("--arch", default="dcgan", choices=("dcgan", "mlp"),
+                   help="dcgan: DCGAN-style G and D (28/32 px and any s*2^n); mlp: 3 hidden layers each")
+    m.add_argument("--width", type=common.positive_int, default=64,
+                   help="--arch dcgan: channels of G's last and D's first conv layer")
     m.add_argument("--g-cond", default="onehot", choices=("onehot", "embed"),
                    help=f"how G sees y: one-hot joined to z (Mirza & Osindero) or a learned {EMBED_DIM}-d embedding")
     m.add_argument("--d-cond", default="concat", choices=("none", "concat", "projection"),
@@ -55,34 +56,23 @@ def parse_args(argv=None):
     m.add_argument("--latent-dim", type=common.positive_int, default=100, help="size of z ~ N(0, I); 100 as in DCGAN")
     m.add_argument("--batch-size", type=common.positive_int, default=256, help="256, as in the first report")
     m.add_argument("--epochs", type=common.positive_int, default=100, help="100, as in the first report")
-    m.add_argument("--lr-g", type=float, default=2e-4, help="G's Adam learning rate; 2e-4 (DCGAN)")
-    m.add_argument("--lr-d", type=float, default=2e-4, help="D's Adam learning rate; 2e-4 (DCGAN)")
-    m.add_argument("--beta1", type=float, default=0.5, help="Adam beta1; 0.5 (DCGAN)")
-    m.add_argument("--beta2", type=float, default=0.999, help="Adam beta2; 0.999 (DCGAN)")
+    m.add_argument("--lr-g", type=common.positive_float, default=2e-4, help="G's Adam learning rate; 2e-4 (DCGAN)")
+    m.add_argument("--lr-d", type=common.positive_float, default=2e-4, help="D's Adam learning rate; 2e-4 (DCGAN)")
+    m.add_argument("--beta1", type=common.unit_float, default=0.5, help="Adam beta1; 0.5 (DCGAN)")
+    m.add_argument("--beta2", type=common.unit_float, default=0.999, help="Adam beta2; 0.999 (DCGAN)")
     m.add_argument("--n-dis", type=common.positive_int, default=1, help="D steps per iteration; 1")
     m.add_argument("--n-gen", type=common.positive_int, default=1, help="G steps per iteration; 1")
-    m.add_argument("--d-dropout", type=float, default=0.0, help="dropout after each of D's LeakyReLUs; 0")
+    m.add_argument("--d-dropout", type=common.unit_float, default=0.0, help="dropout after each of D's LeakyReLUs; 0")
     common.add_common_args(p, SCRIPT)
     args = p.parse_args(argv)
-    if not 0 <= args.d_dropout < 1:
-        p.error(f"--d-dropout must be in [0, 1), got {args.d_dropout}")
+    common.refuse_unused(p, args, {"width": args.arch == "dcgan"}, f"--arch {args.arch}")
+    common.refuse_unused(p, args, {"sn_iters": args.spectral_norm != "none"}, "--spectral-norm none")
     return args
 
 
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
-
-def conv_plan(image_size):
-    """The DCGAN stacks start (G) or end (D) at s0 x s0 and double n times: image_size = s0 * 2**n."""
-    s0, n = image_size, 0
-    while s0 % 2 == 0 and s0 // 2 >= 3:
-        s0, n = s0 // 2, n + 1
-    if n < 2 or s0 > 7:
-        raise common.UsageError(f"--arch conv cannot make {image_size}x{image_size} images: the size must be "
-                                f"s*2^n with s in 3..7 and n >= 2 (e.g. 16, 28, 32, 48, 64, 96, 128)")
-    return s0, n
-
 
 class ClassInput(nn.Module):
     """y -> the vector joined to z: one-hot (fixed) or a learned embedding."""
@@ -103,7 +93,7 @@ class Generator(nn.Module):
     def __init__(self, latent_dim, channels, image_size, num_classes, width=64, g_cond="onehot"):
         super().__init__()
         self.cond = ClassInput(num_classes, g_cond)
-        s0, n = conv_plan(image_size)
+        s0, n = common.conv_plan(image_size)
         ch = width * 2 ** (n - 1)
         layers = [nn.ConvTranspose2d(latent_dim + self.cond.dim, ch, s0, 1, 0, bias=False),  # (ch, s0, s0)
                   nn.BatchNorm2d(ch), nn.ReLU(True)]
@@ -125,17 +115,20 @@ class Discriminator(nn.Module):
     def __init__(self, channels, image_size, num_classes, width=64, d_cond="concat", batchnorm=True, dropout=0.0):
         super().__init__()
         self.num_classes, self.d_cond = num_classes, d_cond
-        s0, n = conv_plan(image_size)
+        s0, n = common.conv_plan(image_size)
         drop = [nn.Dropout(dropout)] if dropout > 0 else []
         cin = channels + (num_classes if d_cond == "concat" else 0)
+        # dcgan.py's D, with one deliberate difference: biases where no BatchNorm follows to absorb them,
+        # i.e. in the spectrally normalised D, which drops BatchNorm (Miyato et al. 2018's D has biases).
+        bias = not batchnorm
         ch = width
-        layers = [nn.Conv2d(cin, ch, 4, 2, 1), nn.LeakyReLU(0.2, True), *drop]  # (w, size/2, size/2); no BN on the input layer
+        layers = [nn.Conv2d(cin, ch, 4, 2, 1, bias=bias), nn.LeakyReLU(0.2, True), *drop]  # (w, size/2, size/2); no BN here
         for _ in range(n - 1):
-            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1), nn.BatchNorm2d(ch * 2) if batchnorm else nn.Identity(),
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=bias), nn.BatchNorm2d(ch * 2) if batchnorm else nn.Identity(),
                        nn.LeakyReLU(0.2, True), *drop]  # (2ch, H/2, W/2)
             ch *= 2
         self.phi = nn.Sequential(*layers)
-        self.psi = nn.Conv2d(ch, 1, s0, 1, 0)  # (1, 1, 1): the unconditional logit
+        self.psi = nn.Conv2d(ch, 1, s0, 1, 0, bias=bias)  # (1, 1, 1): the unconditional logit
         self.embed = nn.Embedding(num_classes, ch) if d_cond == "projection" else None
 
     def forward(self, x, y):
@@ -190,7 +183,8 @@ class MLPDiscriminator(nn.Module):
 
 
 def init_weights(m):
-    """N(0, 0.02) weights, BatchNorm scale N(1, 0.02) (Radford et al. 2015, Sec. 4)."""
+    """N(0, 0.02) weights, BatchNorm scale N(1, 0.02) (Radford et al. 2015, Sec. 4; the same in every script
+    that uses DCGAN's networks)."""
     if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
         nn.init.normal_(m.weight, 0.0, 0.02)
         if getattr(m, "bias", None) is not None:
@@ -257,72 +251,41 @@ def sample_images(G, z, y):
     return x
 
 
-def balanced_labels(n, num_classes, device):
-    """0, 1, ..., K-1, 0, 1, ...: every class equally often (to within one)."""
-    return torch.arange(n, device=device) % num_classes
-
-
 def train(args):
-    device = common.pick_device(args.device)
-    args, state = common.resume(args, SCRIPT)  # --resume: the checkpoint's settings and state
-    args.image_size = args.image_size or common.NATIVE_SIZE[args.dataset]
-    if args.arch == "conv":
-        conv_plan(args.image_size)  # a size the stack cannot make fails before the data is loaded
-    common.seed_everything(args.seed)
+    run = common.Run(args, SCRIPT)  # --resume, device, precision and --out; seeds torch
+    args, device = run.args, run.device
+    if args.arch == "dcgan":
+        common.conv_plan(args.image_size)  # a size the stack cannot make fails before the data is loaded
     data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
     K = data.num_classes
     if K < 2:
         raise common.UsageError(f"{args.dataset} has no class labels; a conditional GAN needs them (use dcgan.py)")
     G = build_generator(args, data.channels, K).to(device)
     D = build_discriminator(args, data.channels, K).to(device)
-    opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2))
-    # The class grid: row k shows class k, column j uses the same z_j in every row.
-    fixed_z = torch.randn(10, args.latent_dim, device=device).repeat(K, 1)
-    fixed_y = torch.arange(K, device=device).repeat_interleave(10)
-    step, position = 0, 0
-    if state is not None:
-        step, position = common.restore(state, G=G, D=D, opt_g=opt_g, opt_d=opt_d)
-        fixed_z = state["fixed_z"].to(device)
-    batches = common.Batches(data, args.batch_size, args.seed, position)
+    opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2), fused=run.fused)
+    opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2), fused=run.fused)
+    batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # with --resume: their saved states
     total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
-    run = common.Run(args, SCRIPT, total, batches)
-    evaluator = common.Evaluator(data, args.data_root, device, args.eval_samples, args.seed)
-    amp = not args.no_amp
+    # num_classes=K: sample grids with one row per class, evaluation with balanced labels and cls_acc
+    step = run.start(total, lambda z, y: sample_images(G, z, y), latent_dim=args.latent_dim, num_classes=K, panels=[
+        ("losses", ["loss_d", "loss_g"]),
+        ("D output sigmoid(D(.))", ["p_real", "p_fake"]),
+        ("conditional accuracy (classifier)", ["cls_acc"]),
+        ("FID (lower is better)", ["cls_fid", "fid"]),
+    ])
 
-    def sample_for_eval(n, generator):
-        y = balanced_labels(n, K, device)
-        return sample_images(G, torch.randn(n, args.latent_dim, device=device, generator=generator), y), y
-
-    def save(step):
-        run.save(step, G=G, D=D, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
-        common.save_grid(sample_images(G, fixed_z, fixed_y), run.dir / "samples" / f"step_{step:07d}.png", nrow=10)
-
-    def plots():
-        common.plot_metrics(run.metrics_path, run.dir / "losses.png", [
-            ("losses", ["loss_d", "loss_g"]),
-            ("D output sigmoid(D(.))", ["d_real", "d_fake"]),
-            ("conditional accuracy (classifier)", ["cls_acc"]),
-            ("FID (lower is better)", ["cls_fid", "fid"]),
-        ])
-        common.plot_class_histogram(run.metrics_path, run.dir / "class_histogram.png", common.CLASS_NAMES.get(args.dataset))
-        common.make_gif(run.dir / "samples", run.dir / "progress.gif")
-
-    meter, metrics = common.Meter(), {}
-    run.start(step)
-    if state is None:
-        save(0)
-    try:
+    with run:
         while not run.should_stop(step):
             # D step: minimise softplus(-D(x, y)) + softplus(D(G(z, y'), y'))  (Mirza & Osindero 2014, Eq. 2)
             for _ in range(args.n_dis):
                 real, y_real = batches.next()
                 z = torch.randn(real.shape[0], args.latent_dim, device=device)
                 y_fake = torch.randint(0, K, (real.shape[0],), device=device)
-                with common.autocast(device, amp):
-                    fake = G(z, y_fake).detach()  # D's step must not push gradients into G
-                    real_logits, fake_logits = D(real, y_real), D(fake, y_fake)
-                    loss_d = d_loss(real_logits, fake_logits)
+                with run.autocast():
+                    with torch.no_grad():  # D's step must not push gradients into G: record no graph for G at all
+                        fake = G(z, y_fake)
+                    real_logits, fake_logits = D(real, y_real).float(), D(fake, y_fake).float()  # the loss in float32
+                loss_d = d_loss(real_logits, fake_logits)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
@@ -332,66 +295,27 @@ def train(args):
             for _ in range(args.n_gen):
                 z = torch.randn(args.batch_size, args.latent_dim, device=device)
                 y_fake = torch.randint(0, K, (args.batch_size,), device=device)
-                with common.autocast(device, amp):
-                    loss_g = g_loss(D(G(z, y_fake), y_fake), args.loss)
+                with run.autocast():
+                    fake_logits_g = D(G(z, y_fake), y_fake).float()
+                loss_g = g_loss(fake_logits_g, args.loss)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()
             D.requires_grad_(True)
             step += 1
-
-            meter.add(loss_d=loss_d, loss_g=loss_g,
-                      d_real=torch.sigmoid(real_logits).mean(), d_fake=torch.sigmoid(fake_logits).mean(),
-                      acc_real=(real_logits > 0).float().mean(), acc_fake=(fake_logits < 0).float().mean())
-            if step % args.log_every == 0:  # the only host syncs of the loop
-                stats = meter.read()
-                common.check_finite(step, loss_d=stats["loss_d"], loss_g=stats["loss_g"])
-                run.log(step, batches.epoch, stats)
-            if step % args.sample_every == 0:
-                save(step)
-            if args.eval_every and step % args.eval_every == 0 and step < total:
-                metrics = evaluator(sample_for_eval)
-                run.log(step, batches.epoch, metrics)
-        if step != run.saved_step:
-            save(step)
-    except common.Diverged as e:
-        plots()
-        run.diverged(e)
-    run.close()
-    if run.interrupted:
-        plots()
-        run.interrupted_exit(step)
-
-    metrics = evaluator(sample_for_eval)
-    if metrics:
-        run.log(step, batches.epoch, metrics)
-    plots()
-    g = torch.Generator(device).manual_seed(args.seed + 3)
-    # Interpolation: each row walks from z0 to z1 for one class (row k = class k mod K).
-    z0, z1 = torch.randn(2, K, args.latent_dim, device=device, generator=g)
-    path = torch.stack([common.interpolate(a, b, 10, "slerp") for a, b in zip(z0, z1)])  # (K, 10, latent)
-    rows_y = torch.arange(K, device=device).repeat_interleave(10)
-    common.save_grid(sample_images(G, path.flatten(0, 1), rows_y), run.dir / "interpolation.png", nrow=10)
-    z20 = torch.randn(20, args.latent_dim, device=device, generator=g)
-    y20 = torch.randint(0, K, (20,), device=device, generator=g)
-    common.save_predictions(evaluator, sample_images(G, z20, y20), run.dir / "predictions.png", y20,
-                            common.CLASS_NAMES.get(args.dataset))
-    run.write_summary(step, batches.epoch, metrics, evaluator.source, "time limit" if step < total else "done")
-    return run.dir
+            run.end_step(step, loss_d=loss_d, loss_g=loss_g, d_real=real_logits.mean(), d_fake=fake_logits.mean(),
+                         p_real=torch.sigmoid(real_logits).mean(), p_fake=torch.sigmoid(fake_logits).mean(),
+                         acc_real=(real_logits > 0).float().mean(), acc_fake=(fake_logits < 0).float().mean())
+    return run.finish()
 
 
 def generate(args):
     """--generate N: N samples with balanced labels (0, 1, ..., K-1, 0, ...); needs no dataset."""
-    saved, state, device = common.load_for_generate(args, SCRIPT)
-    K = state["data"]["num_classes"]
-    G = build_generator(saved, state["data"]["channels"], K).to(device)
-    G.load_state_dict(state["G"])
-    z = torch.randn(args.generate, saved.latent_dim, device=device,
-                    generator=torch.Generator(device).manual_seed(args.seed))
-    y = balanced_labels(args.generate, K, device)
-    path = common.write_generated(args.out or Path(args.checkpoint).parent, sample_images(G, z, y), y)
-    print(f"{SCRIPT}: wrote {args.generate} samples with balanced labels to {path}")
-    return path
+    def load(saved, state, device):
+        G = build_generator(saved, state["data"]["channels"], state["data"]["num_classes"]).to(device)
+        G.load_state_dict(state["G"])
+        return lambda z, y: sample_images(G, z, y)
+    return common.generate(args, SCRIPT, load)
 
 
 def main(argv=None):

@@ -1,15 +1,17 @@
 """Shared mechanics for the GAN scripts: data, spectral norm, evaluation, run bookkeeping.
 
-Nothing here is a model's story (networks, losses, the training loop live in each script).
-This file holds what every script needs in the same way:
+Nothing here is a model's story (networks, losses and the training loop's body live in each
+script). This file holds what every script does in the same way:
 
-  data        load_dataset / Batches     datasets as one uint8 tensor in memory, batched by indexing
-  networks    spectral_norm              torch's parametrization with a chosen number of power iterations
-  evaluation  Evaluator                  classifier-IS/FID for MNIST-like data, Inception IS/FID when weights exist
-              inception_score, frechet_distance, feature_stats   the mathematics, tested on known inputs
-  utilities   seed_everything, pick_device, Run (run dir, metrics.jsonl, progress line, limits, Ctrl-C),
-              save_checkpoint / load_checkpoint, save_grid, make_gif, plot_metrics, interpolate,
-              write_generated
+  command line  ArgumentParser, add_common_args, the argparse types    one-line errors, exit code 2
+  data          load_dataset / Batches     a dataset as one uint8 tensor, batched by indexing onto the device
+  networks      conv_plan, spectral_norm   DCGAN's size arithmetic; torch's SN with a chosen number of iterations
+  evaluation    Evaluator                  classifier-IS/FID for MNIST-like data, Inception IS/FID when weights exist
+                inception_score, frechet_distance, feature_stats   the mathematics, tested on known inputs
+  devices       pick_device, precision     CUDA/MPS/CPU, and bf16 autocast only where the hardware computes bf16
+  a run         Run                        --resume, the run directory, the log/sample/evaluate schedule, Ctrl-C,
+                                           NaN, checkpoints, and the finish (final evaluation, plots, figures)
+  pictures      save_grid, make_gif, plot_metrics, save_predictions, interpolate;  generate (--generate)
 
 Run `python common.py --dataset fashion-mnist` to train and cache the evaluation classifier
 (the scripts do it on first use otherwise) and print its test accuracy.
@@ -51,6 +53,119 @@ def fail(prog, err):
     """Print `prog: error: message` on stderr and exit with 2 (argparse's convention)."""
     print(f"{prog}: error: {err}", file=sys.stderr)
     raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: the flags of every script, typed so that bad values stop at parsing
+# ----------------------------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`dcgan.py: error: ... (see --help)`), no abbreviated flags, and a record
+    of which flags the user typed (`args._typed`), so that `--resume` lets only those override the checkpoint."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("allow_abbrev", False)  # --lr would silently mean --lr-g or fail: spell flags out
+        super().__init__(*a, **kw)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else [os.fspath(a) if isinstance(a, os.PathLike) else str(a) for a in args]
+        ns = super().parse_args(argv, namespace)
+        flags = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
+        ns._typed = {a.dest for a in self._actions if set(a.option_strings) & flags}
+        return ns
+
+
+def _number(kind, test, wanted):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (math.isfinite(value) and test(value)):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+    parse.__name__ = wanted  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "at least 1")
+nonneg_int = _number(int, lambda v: v >= 0, "at least 0")
+positive_float = _number(float, lambda v: v > 0, "> 0")
+nonneg_float = _number(float, lambda v: v >= 0, ">= 0")
+unit_float = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # Adam's betas, dropout, EMA decay
+
+
+def add_common_args(p, script):
+    """The flags of every script, spelled the same everywhere (model flags stay in the script)."""
+    g = p.add_argument_group("data, run length and output (common to every script)")
+    g.add_argument("--dataset", default="mnist", choices=DATASETS,
+                   help="fake = tiny generated blobs for smoke tests; folder = images under --data-root")
+    g.add_argument("--data-root", default="./data", help="where datasets live and downloads go (default ./data)")
+    g.add_argument("--image-size", type=positive_int, default=None,
+                   help="default: the dataset's native size (MNIST 28, USPS 16, CIFAR-10 32, STL-10 48, CelebA 64)")
+    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many generator steps")
+    g.add_argument("--max-minutes", type=positive_float, default=None,
+                   help="stop after this much training-loop wall time (data loading not counted)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (torch only)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="auto: CUDA if present, else MPS, else CPU")
+    g.add_argument("--no-amp", action="store_true",
+                   help="train in float32 even where the hardware computes bfloat16 natively (CUDA with compute "
+                        "capability >= 8, CPUs with AMX or AVX512-BF16), where bf16 autocast is the default")
+    g.add_argument("--out", default=None, help=f"run directory (default runs/{script}-<dataset>-<time>)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="let a fresh run replace the run files of a used --out (refused otherwise)")
+    g.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics.jsonl lines")
+    g.add_argument("--sample-every", type=positive_int, default=500, help="steps between sample grids and checkpoints")
+    g.add_argument("--eval-every", type=nonneg_int, default=2000, help="steps between evaluations (0: only at the end)")
+    g.add_argument("--eval-samples", type=positive_int, default=10000, help="generated images per evaluation")
+    g.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue from a checkpoint.pt with its settings; only the length, device, output and "
+                        "logging flags you type may change them")
+    g.add_argument("--generate", type=positive_int, default=None, metavar="N",
+                   help="no training: load --checkpoint and write N samples to OUT/generated.npz")
+    g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint for --generate")
+    return p
+
+
+def refuse_unused(p, args, used, why):
+    """Exit 2 for a typed flag that this configuration would silently ignore. `used`: dest -> bool."""
+    for dest, ok in used.items():
+        if not ok and dest in args._typed:
+            p.error(f"--{dest.replace('_', '-')} is not used with {why}")
+
+
+def flags(args):
+    """The flags of a namespace, without the parser's bookkeeping (`_typed`)."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}
+
+
+# Flags a resumed run may change; everything else comes from the checkpoint.
+RESUMABLE = {"resume", "max_steps", "epochs", "max_minutes", "device", "out", "log_every", "sample_every",
+             "eval_every", "eval_samples", "no_amp", "data_root", "overwrite", "generate", "checkpoint"}
+
+
+def resume(args, script):
+    """With --resume: (the checkpoint's settings, overridden by the RESUMABLE flags typed on this command line,
+    and the checkpoint). A typed flag that would change the model or its training is refused. Without: (args, None)."""
+    if not args.resume:
+        return args, None
+    state = load_checkpoint(args.resume, script)
+    fixed = sorted(args._typed - RESUMABLE)
+    if fixed:
+        raise UsageError(f"--resume keeps the checkpoint's settings; {', '.join('--' + f.replace('_', '-') for f in fixed)} "
+                         f"cannot change (allowed: length, device, output and logging flags)")
+    merged = dict(state["args"])
+    merged.update({k: getattr(args, k) for k in args._typed})
+    merged["resume"] = args.resume
+    if "out" not in args._typed:  # by default a resumed run goes on in its own directory
+        merged["out"] = str(Path(args.resume).parent)
+    ns = argparse.Namespace(**merged)
+    ns._typed = args._typed
+    return ns, state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,12 +365,27 @@ def resize_uint8(images, size, chunk=4096):
     return out
 
 
+def data_home(images, device):
+    """Where a dataset lives: on the training device when it fits, else in pinned host memory.
+
+    CUDA: on the GPU if it takes under half of the free memory (`torch.cuda.mem_get_info`), so
+    CelebA at 64 px (2.5 GB) sits on any recent GPU. MPS: on the device below 2**31 elements
+    (larger MPS buffers fail). Otherwise Batches copies each batch over (see there).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return device if images.numel() * images.element_size() < free // 2 else torch.device("cpu")
+    if device.type == "mps":
+        return device if images.numel() < 2**31 else torch.device("cpu")
+    return device
+
+
 def load_dataset(name, root="./data", image_size=None, device="cpu", train=True):
-    """Load a dataset as one uint8 tensor at `image_size` on `device` (see ImageData).
+    """Load a dataset as one uint8 tensor at `image_size`, on `device` when it fits (see ImageData, data_home).
 
     Decoded and resized once; batches are then made by indexing, with no per-sample
-    transforms and no worker processes. A dataset too large for the accelerator stays in
-    (pinned) host memory and each batch is copied over.
+    transforms and no worker processes.
     """
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
@@ -269,20 +399,21 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True)
     else:
         images, labels, k = _load_files(name, root, size)
     images = resize_uint8(images, size)
-    device = torch.device(device)
-    if device.type == "cpu" or images.numel() < 2**31:
-        images, labels = images.to(device), labels.to(device)
-    elif device.type == "cuda":
-        images = images.pin_memory()
-    return ImageData(name, images, labels, k)
+    home = data_home(images, device)
+    return ImageData(name, images.to(home), labels.to(home), k)
 
 
 class Batches:
-    """Endless batches in shuffled epochs; the shuffle of epoch e depends only on (seed, e).
+    """Endless batches in shuffled epochs on `device`; the shuffle of epoch e depends only on (seed, e).
 
     So a resumed run that knows how many batches it has consumed (`position`) continues
     with exactly the batches an uninterrupted run would have drawn. The last partial batch
     of an epoch is dropped, as DataLoader(drop_last=True) does.
+
+    Data kept in pinned host memory for a GPU (too large for it) is gathered into one of two
+    pinned staging buffers and copied asynchronously: indexing a pinned tensor returns pageable
+    memory, from which `non_blocking` copies are synchronous. A CUDA event per buffer keeps the
+    host from refilling a buffer whose copy has not finished.
     """
 
     def __init__(self, data, batch_size, seed, position=0, device=None):
@@ -292,6 +423,11 @@ class Batches:
         self.device = torch.device(device) if device is not None else data.images.device
         self.per_epoch = len(data) // batch_size
         self._perm_epoch, self._perm = None, None
+        self._staged = data.images.device.type == "cpu" and self.device.type == "cuda"
+        if self._staged:
+            self._buffers = [(torch.empty((batch_size, *data.images.shape[1:]), dtype=torch.uint8).pin_memory(),
+                              torch.empty(batch_size, dtype=torch.int64).pin_memory(), torch.cuda.Event())
+                             for _ in range(2)]
 
     @property
     def epoch(self):
@@ -306,14 +442,37 @@ class Batches:
             self._perm_epoch = epoch
         idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
         self.position += 1
-        x = self.data.images[idx].to(self.device, non_blocking=True)
-        y = self.data.labels[idx].to(self.device, non_blocking=True)
+        if self._staged:
+            x_pin, y_pin, done = self._buffers[self.position % 2]
+            done.synchronize()  # this buffer's previous copy has finished
+            torch.index_select(self.data.images, 0, idx, out=x_pin)
+            torch.index_select(self.data.labels, 0, idx, out=y_pin)
+            x, y = x_pin.to(self.device, non_blocking=True), y_pin.to(self.device, non_blocking=True)
+            done.record()
+        else:
+            x, y = self.data.images[idx].to(self.device), self.data.labels[idx].to(self.device)
         return to_float(x), y
 
 
+def balanced_labels(n, num_classes, device):
+    """0, 1, ..., K-1, 0, 1, ...: every class equally often (to within one)."""
+    return torch.arange(n, device=device) % num_classes
+
+
 # ----------------------------------------------------------------------------------------------
-# Spectral normalisation (Miyato et al. 2018)
+# Networks: DCGAN's size arithmetic and spectral normalisation (Miyato et al. 2018)
 # ----------------------------------------------------------------------------------------------
+
+def conv_plan(image_size, arch="--arch dcgan"):
+    """DCGAN's stacks start (G) or end (D) at s0 x s0 and double n times: image_size = s0 * 2**n."""
+    s0, n = image_size, 0
+    while s0 % 2 == 0 and s0 // 2 >= 3:
+        s0, n = s0 // 2, n + 1
+    if n < 2 or s0 > 7:
+        raise UsageError(f"{arch} cannot make {image_size}x{image_size} images: the size must be "
+                         f"s*2^n with s in 3..7 and n >= 2 (e.g. 16, 28, 32, 48, 64, 96, 128)")
+    return s0, n
+
 
 def spectral_norm(module, n_power_iterations=1):
     """Divide `module.weight` by its largest singular value, estimated by power iteration.
@@ -330,7 +489,7 @@ def spectral_norm(module, n_power_iterations=1):
 # ----------------------------------------------------------------------------------------------
 
 def inception_score(probs, splits=10, generator=None):
-    """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), mean and std over splits.
+    """IS = exp(E_x KL(p(y|x) || p(y))) (Salimans et al. 2016), mean and std over exactly `splits` splits.
 
     `probs` (N, K) are class probabilities. Samples are shuffled before splitting so that a
     caller that generated them class by class does not get per-class splits.
@@ -338,7 +497,7 @@ def inception_score(probs, splits=10, generator=None):
     p = torch.as_tensor(probs, dtype=torch.float64)
     p = p[torch.randperm(p.shape[0], generator=generator)]
     scores = []
-    for part in p.chunk(splits):
+    for part in torch.tensor_split(p, splits):  # sizes differ by at most one (chunk() may give fewer parts)
         py = part.mean(0, keepdim=True)
         kl = (torch.special.xlogy(part, part) - torch.special.xlogy(part, py)).sum(1).mean()
         scores.append(kl.exp())
@@ -385,36 +544,32 @@ class Classifier(nn.Module):
         return self.head(self.body(x))
 
 
-def get_classifier(dataset, data_root, device, epochs=3, verbose=True):
+CLASSIFIER_EPOCHS = 3
+
+
+def get_classifier(dataset, data_root, device):
     """The evaluation classifier of an MNIST-like dataset, trained once and cached under data_root.
 
     Trained on the real training split at the dataset's native size; generated images are
-    resized to that size before they are classified. Draws nothing from the caller's RNG
-    (building a network does), so evaluating never shifts a run's random stream.
+    resized to that size before they are classified.
     """
     device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(1234)
-        return _get_classifier(dataset, data_root, device, epochs, verbose)
-
-
-def _get_classifier(dataset, data_root, device, epochs, verbose):
     size = NATIVE_SIZE[dataset]
     path = Path(data_root) / "classifiers" / f"{dataset}-{size}px.pt"
     if path.exists():
-        ckpt = torch.load(path, map_location=device)
-        net = Classifier(*ckpt["shape"]).to(device)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        net = Classifier(*ckpt["shape"])
         net.load_state_dict(ckpt["model"])
         net.test_accuracy = ckpt["test_accuracy"]
-        return net.eval()
+        return net.to(device).eval()
     train, test = (load_dataset(dataset, data_root, size, device, train=t) for t in (True, False))
-    if verbose:
-        print(f"training the {dataset} evaluation classifier once ({epochs} epochs, cached in {path})",
-              file=sys.stderr)
+    print(f"training the {dataset} evaluation classifier once ({CLASSIFIER_EPOCHS} epochs, cached in {path})",
+          file=sys.stderr)
+    torch.manual_seed(1234)  # the caller forks the RNG (Evaluator): the cached network does not depend on the run
     net = Classifier(train.channels, size, train.num_classes).to(device)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    batches = Batches(train, min(256, len(train)), seed=1234)
-    steps = epochs * batches.per_epoch
+    batches = Batches(train, min(256, len(train)), seed=1234, device=device)
+    steps = CLASSIFIER_EPOCHS * batches.per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
     net.train()
     for _ in range(steps):
@@ -427,16 +582,13 @@ def _get_classifier(dataset, data_root, device, epochs, verbose):
         sched.step()
     net.eval()
     with torch.no_grad():
-        correct = sum((net(to_float(test.images[i:i + 1000])).argmax(1) == test.labels[i:i + 1000]).sum().item()
-                      for i in range(0, len(test), 1000))
+        correct = sum((net(to_float(test.images[i:i + 1000].to(device))).argmax(1).cpu() == test.labels[i:i + 1000].cpu())
+                      .sum().item() for i in range(0, len(test), 1000))
     net.test_accuracy = correct / len(test)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": net.state_dict(), "shape": (train.channels, size, train.num_classes),
-                "test_accuracy": net.test_accuracy}, tmp)
-    os.replace(tmp, path)
-    if verbose:
-        print(f"  {dataset} classifier test accuracy {net.test_accuracy:.4f}", file=sys.stderr)
+    save_checkpoint(path, {"model": {k: v.cpu() for k, v in net.state_dict().items()},
+                           "shape": (train.channels, size, train.num_classes), "test_accuracy": net.test_accuracy})
+    print(f"  {dataset} classifier test accuracy {net.test_accuracy:.4f}", file=sys.stderr)
     return net
 
 
@@ -465,42 +617,50 @@ def load_inception(device):
             x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         logits = net((x - mean) / std)
-        return feats["pool"].double().cpu(), F.softmax(logits.double(), 1).cpu()
+        # To the CPU first, then float64: MPS has no float64, and fp64 is slow on most GPUs.
+        return feats["pool"].cpu().double(), F.softmax(logits.float().cpu().double(), 1)
     return run
 
 
 class Evaluator:
-    """Computes the metrics of SPEC.md for generated images against one real data set.
+    """Computes the metrics of the README for generated images against one real data set.
 
     MNIST-like data (mnist, fashion-mnist, usps, fake): classifier-IS, classifier-FID (128-d
     penultimate features), the class histogram of the samples and, when the sampler says
     which class it asked for, the conditional accuracy. Other data: Inception IS/FID when
-    the weights can be loaded. `self.source` says what produced each number.
+    the weights can be loaded. Every result carries `eval_source`, `n_gen`, `n_real` and
+    `real_split`: what produced it.
+
+    Building it draws nothing from the run's random streams (CPU and device): the whole
+    constructor runs under fork_rng, so whether the classifier is cached or trained now, or
+    the Inception weights are in the hub cache, never changes a seeded run.
     """
 
-    def __init__(self, data, data_root, device, n_samples=10000, seed=0, inception=True):
+    def __init__(self, data, data_root, device, n_samples=10000, seed=0):
         self.device, self.n, self.seed = torch.device(device), n_samples, seed
+        with fork_rng(self.device):
+            self._build(data, data_root)
+
+    def _build(self, data, data_root):
         self.classifier, self.inception = None, None
-        parts = []
-        n_real = min(n_samples, len(data))
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n_real]
+        self.n_real = min(self.n, len(data))
+        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))[:self.n_real]
         real = data.images[idx.to(data.images.device)]
         if data.name in DIGIT_LIKE:
             self.classifier = get_classifier(data.name, data_root, self.device)
             self.cls_size = NATIVE_SIZE[data.name]
             f, _ = self._classify(real)
             self.cls_real = feature_stats(f)
-            parts.append(f"cls_*: {data.name} CNN classifier (test acc {self.classifier.test_accuracy:.3f}), "
-                         f"features of {n_real} train images vs {n_samples} generated")
-        elif inception:
+            self.source = (f"cls_*: {data.name} CNN classifier (test acc {self.classifier.test_accuracy:.3f}), "
+                           f"128-d features")
+        else:
             self.inception = load_inception(self.device)
             if self.inception is None:
-                parts.append("IS/FID skipped: Inception-v3 weights not available offline")
+                self.source = "IS/FID skipped: Inception-v3 weights not available offline"
             else:
-                f = torch.cat([self.inception(to_float(real[i:i + 100]))[0] for i in range(0, n_real, 100)])
+                f = torch.cat([self.inception(to_float(real[i:i + 100]))[0] for i in range(0, self.n_real, 100)])
                 self.inc_real = feature_stats(f.numpy())
-                parts.append(f"IS/FID: torchvision Inception-v3, {n_samples} generated vs {n_real} train images")
-        self.source = "; ".join(parts) or "no metrics for this dataset"
+                self.source = "IS/FID: torchvision Inception-v3 (ImageNet weights), 2048-d pool features"
 
     @torch.no_grad()
     def _classify(self, images):
@@ -512,8 +672,9 @@ class Evaluator:
                 x = F.interpolate(x, size=(self.cls_size, self.cls_size), mode="bilinear",
                                   antialias=True, align_corners=False)
             f = self.classifier.body(x)
-            feats.append(f.double().cpu())
-            probs.append(F.softmax(self.classifier.head(f).double(), 1).cpu())
+            # To the CPU first, then float64: MPS has no float64.
+            feats.append(f.cpu().double())
+            probs.append(F.softmax(self.classifier.head(f).cpu().double(), 1))
         return torch.cat(feats).numpy(), torch.cat(probs)
 
     @torch.no_grad()
@@ -542,17 +703,13 @@ class Evaluator:
             f, p = zip(*(self.inception(to_float(images[i:i + 100])) for i in range(0, len(images), 100)))
             out["fid"] = frechet_distance(*feature_stats(torch.cat(f).numpy()), *self.inc_real)
             out["is"], out["is_std"] = inception_score(torch.cat(p), 10, split_gen)
+        out.update(eval_source=self.source, n_gen=self.n, n_real=self.n_real, real_split="train")
         return out
 
 
 # ----------------------------------------------------------------------------------------------
-# Utilities
+# Devices, precision and random streams
 # ----------------------------------------------------------------------------------------------
-
-def seed_everything(seed):
-    """All randomness comes from torch's generators (CPU and every CUDA device)."""
-    torch.manual_seed(seed)
-
 
 def pick_device(name="auto"):
     """`auto` -> CUDA when present, else Apple MPS, else CPU. Turns on cuDNN autotuning on CUDA."""
@@ -567,98 +724,79 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
-def autocast(device, enabled=True):
-    """bfloat16 autocast on CUDA (no loss scaling needed, unlike float16); a no-op elsewhere."""
-    on = enabled and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+def cpu_bf16_units():
+    """The CPU's native bf16 instruction sets (AMX, AVX512-BF16) as torch sees them, or []."""
+    units = []
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        units.append("AMX")
+    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
+        units.append("AVX512-BF16")
+    return units
 
 
-def add_common_args(p, script):
-    """The flags of SPEC.md that mean the same in every script (model flags stay in the script)."""
-    g = p.add_argument_group("data, run length and output (common to every script)")
-    g.add_argument("--dataset", default="mnist", choices=DATASETS,
-                   help="fake = tiny generated blobs for smoke tests; folder = images under --data-root")
-    g.add_argument("--data-root", default="./data", help="where datasets live and downloads go (default ./data)")
-    g.add_argument("--image-size", type=int, default=None,
-                   help="default: the dataset's native size (MNIST 28, USPS 16, CIFAR-10 32, STL-10 48, CelebA 64)")
-    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many generator steps")
-    g.add_argument("--max-minutes", type=float, default=None,
-                   help="stop after this much training-loop wall time (data loading not counted)")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (torch only)")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto: CUDA if present")
-    g.add_argument("--no-amp", action="store_true", help="disable bfloat16 autocast on CUDA")
-    g.add_argument("--out", default=None, help=f"run directory (default runs/{script}-<dataset>-<time>)")
-    g.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics.jsonl lines")
-    g.add_argument("--sample-every", type=positive_int, default=500, help="steps between sample grids and checkpoints")
-    g.add_argument("--eval-every", type=int, default=2000, help="steps between evaluations (0: only at the end)")
-    g.add_argument("--eval-samples", type=positive_int, default=10000, help="generated images per evaluation")
-    g.add_argument("--resume", default=None, metavar="PATH",
-                   help="continue from a checkpoint.pt with its settings; only length, device, output "
-                        "and logging flags may change")
-    g.add_argument("--generate", type=positive_int, default=None, metavar="N",
-                   help="no training: load --checkpoint and write N samples to OUT/generated.npz")
-    g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint for --generate")
-    return p
+def precision(device, enabled=True):
+    """Decide once per run: bf16 autocast where the hardware computes bf16 natively, else float32.
+
+    Returns (torch.bfloat16 or None, the reason in words). CUDA: compute capability >= 8 (Ampere
+    on); `torch.cuda.is_bf16_supported()` is also True on V100/T4, where bf16 is emulated and
+    slower. CPU: AMX or AVX512-BF16. MPS: float32 (bf16 support differs between Apple GPUs and
+    was not measured here). bf16 needs no loss scaling, unlike float16.
+    """
+    if not enabled:
+        return None, "float32 (--no-amp)"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return torch.bfloat16, f"bf16 autocast (CUDA compute capability {major}.{minor})"
+        return None, f"float32 (CUDA compute capability {major}.{minor} < 8.0 has no native bf16)"
+    if device.type == "cpu":
+        units = cpu_bf16_units()
+        if units:
+            return torch.bfloat16, f"bf16 autocast (CPU with {' and '.join(units)})"
+        return None, "float32 (this CPU has no AMX or AVX512-BF16; emulated bf16 is slower)"
+    return None, f"float32 ({device.type})"
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse with one-line errors (`dcgan.py: error: ... (see --help)`), not a wall of usage text."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def positive_int(text):
-    """argparse type: an integer >= 1, with a one-line error otherwise."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def fork_rng(device):
+    """A context that restores the CPU generator and that of `device` (CUDA or MPS) on exit."""
+    device = torch.device(device)
+    if device.type in ("cuda", "mps"):
+        return torch.random.fork_rng(devices=[device], device_type=device.type)
+    return torch.random.fork_rng(devices=[])
 
 
-# Flags a resumed run may change; everything else comes from the checkpoint.
-RESUMABLE = {"resume", "max_steps", "epochs", "max_minutes", "device", "out", "log_every",
-             "sample_every", "eval_every", "eval_samples", "no_amp", "generate", "checkpoint"}
+def seed_everything(seed):
+    """All randomness comes from torch's generators (CPU, every CUDA device, MPS)."""
+    torch.manual_seed(seed)
 
 
-def resume(args, script):
-    """With --resume: (the checkpoint's settings with this command line's RESUMABLE flags, its state).
-    Without: (args, None)."""
-    if not args.resume:
-        return args, None
-    state = load_checkpoint(args.resume, script)
-    merged = dict(state["args"])
-    merged.update({k: v for k, v in vars(args).items() if k in RESUMABLE})
-    if args.out is None:  # by default a resumed run goes on in its own directory
-        merged["out"] = str(Path(args.resume).parent)
-    return argparse.Namespace(**merged), state
+def rng_state():
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
 
 
-def restore(state, **objects):
-    """Load every model's and optimiser's state, then the RNG states (last: building them drew from the RNG).
-    Returns (step, batches consumed)."""
-    for name, obj in objects.items():
-        obj.load_state_dict(state[name])
-    set_rng_state(state["rng"])
-    return state["step"], state["position"]
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
-def load_for_generate(args, script):
-    """For --generate: (the run's saved settings, its checkpoint, the device)."""
-    if not args.checkpoint:
-        raise UsageError("--generate needs --checkpoint PATH")
-    state = load_checkpoint(args.checkpoint, script)
-    return argparse.Namespace(**state["args"]), state, pick_device(args.device)
-
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
 
 def save_checkpoint(path, state):
-    """Write atomically (temp file, then rename), so a crash mid-save keeps the previous file."""
+    """Write atomically: a temp file of this process, flushed to disk, then renamed over the old file,
+    so a crash or power cut mid-save keeps the previous file."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -667,11 +805,14 @@ def load_checkpoint(path, script):
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise UsageError(f"{path} is not a PyTorch checkpoint")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"checkpoint {path} cannot be read (truncated or not a checkpoint: "
-                         f"{str(e).splitlines()[0][:80]})") from None
+    except Exception:
+        raise UsageError(f"checkpoint {path} cannot be read (truncated or damaged)") from None
     if not isinstance(state, dict) or "script" not in state:
         raise UsageError(f"{path} is not a checkpoint of these scripts")
     if state["script"] != script:
@@ -679,73 +820,166 @@ def load_checkpoint(path, script):
     return state
 
 
-def rng_state():
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_finite(step, **tensors):
+def check_finite(step, stats):
     """Raise Diverged if any loss is NaN/inf (called at log steps, where we sync anyway)."""
-    bad = [k for k, v in tensors.items() if not math.isfinite(float(v.detach() if torch.is_tensor(v) else v))]
+    bad = [k for k, v in stats.items() if k.startswith("loss") and not math.isfinite(v)]
     if bad:
         raise Diverged(f"{', '.join(bad)} became non-finite at step {step}")
 
 
 class Meter:
-    """Sums per-step statistics on the device; `.read()` syncs once and returns their means."""
+    """Sums per-step statistics on the device; `.read()` syncs once and returns each one's mean.
+
+    A statistic given only at some steps (e.g. one computed at log steps) is averaged over those.
+    """
 
     def __init__(self):
-        self.sums, self.n = {}, 0
+        self.sums, self.counts = {}, {}
 
     def add(self, **stats):
         for k, v in stats.items():
-            v = v.detach().float()
+            v = torch.as_tensor(v).detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
-        self.n += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def __len__(self):
+        return len(self.sums)
 
     def read(self):
-        out = {k: (v / self.n).item() for k, v in self.sums.items()}
-        self.sums, self.n = {}, 0
-        return out
+        keys = list(self.sums)
+        values = torch.stack([(self.sums[k] / self.counts[k]).to(self.sums[keys[0]].device) for k in keys]).tolist()
+        self.sums, self.counts = {}, {}
+        return dict(zip(keys, values))
+
+
+RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "progress.gif", "generated.npz")
 
 
 class Run:
-    """A training run's directory and clock: args.json, metrics.jsonl, the progress line, stopping.
+    """One training run: settings, device, precision, directory, schedule, clock, and the finish.
 
-    Stops when the step limit, the wall-clock limit (--max-minutes, counted from `start()`),
-    or Ctrl-C comes first; Ctrl-C only raises a flag, so the loop finishes its step and the
-    script writes its checkpoint and plots. A second Ctrl-C kills as usual.
+    Every script uses it in the same few moves, so that its own file shows only its model:
+
+        run = common.Run(args, SCRIPT)       # --resume, device, precision, --out checked; seeds torch
+        ...                                  # data, networks, optimisers (the script's story)
+        batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # what checkpoint.pt holds
+        step = run.start(total, sample, panels, latent_dim)   # evaluator, fixed grid noise, args.json
+        with run:                            # Ctrl-C ends the loop after its step; NaN stops the run (exit 1)
+            while not run.should_stop(step):
+                ...                          # D and G steps (the script's story)
+                step += 1
+                run.end_step(step, loss_d=loss_d, ...)  # log, sample + checkpoint, evaluate: as scheduled
+        return run.finish()                  # final evaluation, plots, interpolation, predictions, summary
+
+    `sample(z, y)` returns G's images for noise z (and labels y, for conditional models) with G
+    in eval mode; Run draws the noise for grids, evaluation and figures. A fresh run refuses an
+    --out that already holds a run unless --overwrite; a resumed run drops the log rows and
+    sample grids written after its checkpoint, so no step appears twice.
     """
 
-    def __init__(self, args, script, total_steps, batches):
+    def __init__(self, args, script):
+        args, self.state = resume(args, script)
+        self.device = pick_device(args.device)
+        self.amp_dtype, self.precision = precision(self.device, not args.no_amp)
+        self.fused = self.device.type == "cuda"  # fused Adam: one kernel per step for all parameters
+        args.image_size = args.image_size or NATIVE_SIZE[args.dataset]
         if args.out is None:
             args.out = str(Path("runs") / f"{script}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-        self.dir = Path(args.out)
-        (self.dir / "samples").mkdir(parents=True, exist_ok=True)
-        (self.dir / "args.json").write_text(json.dumps(vars(args), indent=2) + "\n")
-        self.metrics_path = self.dir / "metrics.jsonl"
-        self.script, self.args, self.total, self.batches = script, args, total_steps, batches
-        self.saved_step = None
-        self.max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
-        self.interrupted, self._old_handler = False, None
+        self.args, self.script, self.dir = args, script, Path(args.out)
+        self.step = self.state["step"] if self.state else 0
+        self.saved_step = self.step if self.state else None  # the checkpoint on disk
+        self.metrics, self._eval_step, self.meter = {}, None, Meter()
+        self.interrupted, self._old_handler, self._last_print = False, None, 0.0
         self.tty = sys.stdout.isatty()
-        self._last_print = 0.0
+        self._check_dir()
+        seed_everything(args.seed)
 
-    def start(self, step):
+    def _check_dir(self):
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"cannot create --out {self.dir} ({e.strerror or type(e).__name__})") from None
+        if not os.access(self.dir, os.W_OK):
+            raise UsageError(f"cannot write into --out {self.dir}")
+        used = any((self.dir / f).exists() for f in RUN_FILES[:3])
+        resuming_here = self.state is not None and self.dir.resolve() == Path(self.args.resume).resolve().parent
+        if used and not resuming_here and not self.args.overwrite:
+            raise UsageError(f"--out {self.dir} already holds a run: choose another --out, continue it with "
+                             f"--resume {self.dir / 'checkpoint.pt'}, or replace it with --overwrite")
+
+    def restore(self, data, **objects):
+        """Remember what checkpoint.pt holds (models, optimisers, schedulers: anything with a state_dict);
+        with --resume, load their states and the RNG states. Returns the data stream at the run's position."""
+        self.data, self.objects = data, objects
+        position = 0
+        if self.state is not None:
+            for name, obj in objects.items():
+                obj.load_state_dict(self.state[name])
+            set_rng_state(self.state["rng"])  # last: building the networks drew from the RNG
+            position = self.state["position"]
+        self.batches = Batches(data, self.args.batch_size, self.args.seed, position, self.device)
+        return self.batches
+
+    def autocast(self):
+        """bf16 autocast where `precision` chose it, else a no-op."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None)
+
+    def start(self, total, sample, panels, latent_dim, num_classes=None):
+        """Set the schedule's length and what it draws with; build the evaluator; write args.json. Returns the step."""
+        self.total, self.sample, self.panels, self.num_classes = total, sample, panels, num_classes
+        self.latent_dim = latent_dim
+        # The sample grid's noise comes from its own generator: drawing it shifts no training stream.
+        g = torch.Generator(self.device).manual_seed(self.args.seed + 4)
+        if num_classes:  # one row per class, the same z in each column
+            self.fixed_z = self.noise(10, g).repeat(num_classes, 1)
+            self.fixed_y = torch.arange(num_classes, device=self.device).repeat_interleave(10)
+        else:
+            self.fixed_z, self.fixed_y = self.noise(64, g), None
+        if self.state is not None:
+            self.fixed_z = self.state["fixed_z"].to(self.device)
+        self.evaluator = Evaluator(self.data, self.args.data_root, self.device, self.args.eval_samples, self.args.seed)
+        self._prepare_dir()
+        return self.step
+
+    def noise(self, n, generator=None):
+        return torch.randn(n, self.latent_dim, device=self.device, generator=generator)
+
+    def _prepare_dir(self):
+        if self.state is None:
+            if self.args.overwrite:  # only the files a run writes: never the folder itself
+                old = [self.dir / f for f in RUN_FILES] + [*self.dir.glob("*.png"), *self.dir.glob("samples/step_*.png")]
+                for p in old:
+                    p.unlink(missing_ok=True)
+            rows = []
+        else:  # keep the log up to the checkpoint's step; a run resumed elsewhere takes its history along
+            old = Path(self.args.resume).parent / "metrics.jsonl"
+            rows = [r for r in read_metrics(old) if r["step"] <= self.step] if old.exists() else []
+            for p in self.dir.glob("samples/step_*.png"):
+                if int(p.stem[5:]) > self.step:
+                    p.unlink()
+        (self.dir / "samples").mkdir(exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        resolved = {"device": str(self.device), "precision": self.precision, "torch": torch.__version__}
+        write_atomic(self.dir / "args.json", json.dumps({**flags(self.args), "resolved": resolved}, indent=2) + "\n")
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def __enter__(self):
         self.t0 = self._t_log = time.time()
-        self._step_log = self.first_step = step
-        self._pos_log = self.batches.position
-        self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        self._paused = self._paused_log = 0.0
+        self.first_step, self._step_log, self._pos_log = self.step, self.step, self.batches.position
+        self.max_seconds = None if self.args.max_minutes is None else 60 * self.args.max_minutes
+        try:  # Ctrl-C only raises a flag: the loop finishes its step, then the run saves and exits 130
+            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._old_handler = None
+        if self.state is None:
+            self._save()
+        return self
 
     def _on_sigint(self, signum, frame):
         self.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C kills as usual
 
     def elapsed(self):
         return time.time() - self.t0
@@ -754,27 +988,72 @@ class Run:
         return (step >= self.total or self.interrupted
                 or (self.max_seconds is not None and self.elapsed() >= self.max_seconds))
 
-    def log(self, step, epoch, record):
-        """Append one JSON line (adds real images/s since the last log) and refresh the progress line."""
+    def end_step(self, step, **stats):
+        """After each generator step: collect the step's statistics (tensors, left on the device), then log,
+        sample and checkpoint, and evaluate when their steps come. Only log steps sync with the device."""
+        self.step = step
+        self.meter.add(**stats)
+        if step % self.args.log_every == 0:
+            self._log_stats()
+        if step % self.args.sample_every == 0:
+            self._save()
+        if self.args.eval_every and step % self.args.eval_every == 0 and step < self.total:
+            self._evaluate()
+
+    def __exit__(self, kind, err, tb):
+        if self._old_handler is not None:  # also after an error: a notebook's next Ctrl-C must work
+            signal.signal(signal.SIGINT, self._old_handler)
+            self._old_handler = None
+        if self.tty:
+            print()
+        if kind is None:
+            try:
+                if len(self.meter):  # the steps after the last log step
+                    self._log_stats()
+                if self.step != self.saved_step:
+                    self._save()
+            except Diverged as e:
+                kind, err = Diverged, e
+        if kind is Diverged:
+            self._plots()
+            print(f"{self.script}.py: error: {err}; stopped. Last good checkpoint: {self.dir / 'checkpoint.pt'} "
+                  f"(step {self.saved_step})", file=sys.stderr)
+            raise SystemExit(1) from None
+        if kind is None and self.interrupted:
+            self._plots()
+            print(f"{self.script}.py: interrupted at step {self.step}; checkpoint and plots in {self.dir}", file=sys.stderr)
+            raise SystemExit(130)
+        return False
+
+    def _log_stats(self):
+        stats = self.meter.read()  # the one host sync of a log step
+        check_finite(self.step, stats)
+        self.log(stats)
+
+    def log(self, record):
+        """Append one JSON line: step, epoch, the record, images/s of training since the last line
+        (time spent saving and evaluating not counted), and elapsed time; refresh the progress line."""
         now = time.time()
-        record = {"step": step, "epoch": epoch, **record}
-        if step > self._step_log:  # an evaluation logged at the same step has no rate of its own
+        record = {"step": self.step, "epoch": self.batches.epoch, **record}
+        if self.step > self._step_log:  # an evaluation logged at the same step has no rate of its own
             images = (self.batches.position - self._pos_log) * self.batches.batch_size
-            record["images_per_s"] = round(images / (now - self._t_log), 1)
-            self._t_log, self._step_log, self._pos_log = now, step, self.batches.position
+            work = (now - self._t_log) - (self._paused - self._paused_log)
+            record["images_per_s"] = round(images / max(work, 1e-9), 1)
+            self._t_log, self._step_log, self._pos_log, self._paused_log = now, self.step, self.batches.position, self._paused
         record["elapsed_s"] = round(self.elapsed(), 1)
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.progress(step, epoch, record)
+        self._progress(record)
 
-    def progress(self, step, epoch, record):
-        left = (self.total - step) * (self.elapsed() / max(step - self.first_step, 1))
+    def _progress(self, record):
+        done = self.step - self.first_step
+        left = (self.total - self.step) * (self.elapsed() / max(done, 1))
         if self.max_seconds is not None:
             left = min(left, self.max_seconds - self.elapsed())
         losses = " ".join(f"{k}={v:.3g}" for k, v in record.items()
                           if isinstance(v, float) and k.startswith(("loss", "w_", "cls_fid", "fid")))
         total = self.total if self.total < 10**12 else "?"
-        line = (f"{self.script} step {step}/{total} ep {epoch} {losses} "
+        line = (f"{self.script} step {self.step}/{total} ep {self.batches.epoch} {losses} "
                 f"{record.get('images_per_s', 0):.0f} img/s ETA {left / 60:.1f} min")
         if self.tty:
             print("\r" + line[:150].ljust(150), end="", flush=True)
@@ -782,49 +1061,95 @@ class Run:
             print(line, flush=True)
             self._last_print = time.time()
 
-    def close(self):
-        if self._old_handler is not None:
-            signal.signal(signal.SIGINT, self._old_handler)
-            self._old_handler = None
-        if self.tty:
-            print()
-
-    def save(self, step, **objects):
-        """checkpoint.pt with everything needed to continue exactly: the state_dict of every model and
-        optimiser passed, other values (fixed noise) as they are, step, data position, RNG states, args."""
-        if step > 0:
-            self.check_finite_params(step, objects)
-        data = self.batches.data
+    def _save(self):
+        """checkpoint.pt (everything needed to continue exactly) and the sample grid of this step."""
+        t = time.time()
+        if self.step > 0:  # never overwrite the last good checkpoint with a diverged model
+            for name, obj in self.objects.items():
+                if isinstance(obj, nn.Module) and not all(torch.isfinite(p).all() for p in obj.parameters()):
+                    raise Diverged(f"{name}'s weights became non-finite by step {self.step}")
+        data = self.data
         save_checkpoint(self.dir / "checkpoint.pt", {
-            "script": self.script, "args": vars(self.args), "step": step, "position": self.batches.position,
-            "data": {"channels": data.channels, "image_size": data.image_size, "num_classes": data.num_classes},
-            "rng": rng_state(),
-            **{k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in objects.items()}})
-        self.saved_step = step
+            "script": self.script, "args": flags(self.args), "step": self.step, "position": self.batches.position,
+            "data": {"channels": data.channels, "image_size": data.image_size, "num_classes": data.num_classes,
+                     "conditional": bool(self.num_classes)},
+            "rng": rng_state(), "fixed_z": self.fixed_z,
+            **{k: v.state_dict() for k, v in self.objects.items()}})
+        self.saved_step = self.step
+        save_grid(self.sample(self.fixed_z, self.fixed_y), self.dir / "samples" / f"step_{self.step:07d}.png",
+                  nrow=10 if self.num_classes else 8)
+        self._paused += time.time() - t
 
-    @staticmethod
-    def check_finite_params(step, objects):
-        """Never overwrite the last good checkpoint with a diverged model."""
-        for name, obj in objects.items():
-            if isinstance(obj, nn.Module) and not all(torch.isfinite(p).all() for p in obj.parameters()):
-                raise Diverged(f"{name}'s weights became non-finite by step {step}")
+    def _sample_n(self, n, generator):
+        y = balanced_labels(n, self.num_classes, self.device) if self.num_classes else None
+        return self.sample(self.noise(n, generator), y), y
 
-    def diverged(self, err):
-        """After Diverged: say where the last good checkpoint is and exit 1."""
-        self.close()
-        print(f"{self.script}.py: error: {err}; stopped. Last good checkpoint: {self.dir / 'checkpoint.pt'} "
-              f"(step {self.saved_step})", file=sys.stderr)
-        raise SystemExit(1)
+    def _evaluate(self):
+        t = time.time()
+        self.metrics, self._eval_step = self.evaluator(self._sample_n), self.step
+        if self.metrics:
+            self.log(self.metrics)
+        self._paused += time.time() - t
+        return self.metrics
 
-    def interrupted_exit(self, step):
-        print(f"{self.script}.py: interrupted at step {step}; checkpoint and plots in {self.dir}", file=sys.stderr)
-        raise SystemExit(130)
+    # -- the finish -------------------------------------------------------------------------------
+    def _plots(self):
+        plot_metrics(self.metrics_path, self.dir / "losses.png", self.panels)
+        plot_class_histogram(self.metrics_path, self.dir / "class_histogram.png", CLASS_NAMES.get(self.args.dataset))
+        make_gif(self.dir / "samples", self.dir / "progress.gif")
 
-    def write_summary(self, step, epoch, metrics, source, reason):
-        summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"{self.script}: {reason} at step {step} (epoch {epoch}, {self.elapsed() / 60:.1f} min) "
-              f"{summary or 'no metrics'} [{source}] -> {self.dir}", flush=True)
+    def finish(self):
+        """Final evaluation (unless this step was just evaluated), plots, interpolation.png, predictions.png
+        (MNIST-like data), and the one-line summary. Returns the run directory."""
+        metrics = self.metrics if self._eval_step == self.step else self._evaluate()
+        self._plots()
+        g = torch.Generator(self.device).manual_seed(self.args.seed + 3)
+        rows = self.num_classes or 8  # conditional: one class per row
+        z0, z1 = self.noise(rows, g), self.noise(rows, g)
+        path = torch.stack([interpolate(a, b, 10, "slerp") for a, b in zip(z0, z1)])  # (rows, 10 steps, latent)
+        y = torch.arange(rows, device=self.device).repeat_interleave(10) if self.num_classes else None
+        save_grid(self.sample(path.flatten(0, 1), y), self.dir / "interpolation.png", nrow=10)
+        if self.evaluator.classifier is not None:
+            y20 = balanced_labels(20, self.num_classes, self.device) if self.num_classes else None
+            save_predictions(self.evaluator, self.sample(self.noise(20, g), y20), self.dir / "predictions.png",
+                             y20, CLASS_NAMES.get(self.args.dataset))
+        summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_std"))
+        source = f"{metrics['eval_source']}; {metrics['n_gen']} generated vs {metrics['n_real']} real" if metrics else \
+            self.evaluator.source
+        reason = "done" if self.step >= self.total else "interrupted" if self.interrupted else "time limit"
+        print(f"{self.script}: {reason} at step {self.step} (epoch {self.batches.epoch}, {self.elapsed() / 60:.1f} min, "
+              f"{self.precision}) {summary or 'no metrics'} [{source}] -> {self.dir}", flush=True)
+        return self.dir
 
+
+def write_atomic(path, text):
+    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def generate(args, script, load_sampler):
+    """--generate N: OUT/generated.npz with N uint8 images (and balanced `labels` for conditional models).
+
+    `load_sampler(saved_args, checkpoint, device)` rebuilds G from the checkpoint and returns
+    `sample(z, y)`, as given to Run.start. Needs no dataset and no torchrun."""
+    if not args.checkpoint:
+        raise UsageError("--generate needs --checkpoint PATH")
+    state = load_checkpoint(args.checkpoint, script)
+    saved, device = argparse.Namespace(**state["args"]), pick_device(args.device)
+    sample = load_sampler(saved, state, device)
+    g = torch.Generator(device).manual_seed(args.seed)
+    z = torch.randn(args.generate, saved.latent_dim, device=device, generator=g)
+    k = state["data"]["num_classes"] if state["data"].get("conditional") else None
+    y = balanced_labels(args.generate, k, device) if k else None
+    path = write_generated(args.out or Path(args.checkpoint).parent, sample(z, y), y)
+    print(f"{script}: wrote {args.generate} samples{' with balanced labels' if k else ''} to {path}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures and files (matplotlib's Figure API: never switches the backend of a notebook that imports us)
+# ----------------------------------------------------------------------------------------------
 
 def save_grid(images, path, nrow=8):
     """Save images in [-1, 1] as one PNG grid."""
@@ -848,15 +1173,17 @@ def read_metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _figure(width, height):
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height))
+
+
 def plot_metrics(metrics_path, out_path, panels):
     """One figure, one subplot per panel, against the generator step.
 
     A panel is (title, [keys]) or (title, [keys], [keys on a right-hand axis]); the second form
     puts two quantities of different scale on one time axis (e.g. a critic's estimate and FID).
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     rows = read_metrics(metrics_path)
 
     def series(k):
@@ -867,7 +1194,8 @@ def plot_metrics(metrics_path, out_path, panels):
     panels = [p for p in panels if any(series(k) for k in p[1] + p[2])]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
+    fig = _figure(4.4 * len(panels), 3.4)
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, left, right) in zip(axes[0], panels):
         lines = []
         for axis, keys, styles in ((ax, left, ["C0", "C1", "C2", "C3"]), (ax.twinx() if right else None, right, ["C3", "C4"])):
@@ -883,22 +1211,19 @@ def plot_metrics(metrics_path, out_path, panels):
         ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
 
 
 def save_predictions(evaluator, images, path, asked=None, class_names=None):
     """A figure of samples, each titled with the evaluation classifier's label (and the asked-for one)."""
     if evaluator.classifier is None:
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     _, probs = evaluator._classify(images)
     pred = probs.argmax(1).tolist()
     name = (lambda k: class_names[k]) if class_names else str
     cols = 10
     rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.8 * rows), squeeze=False)
+    fig = _figure(1.3 * cols, 1.8 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i >= len(images):
@@ -913,7 +1238,6 @@ def save_predictions(evaluator, images, path, asked=None, class_names=None):
     fig.suptitle("classifier's label" + ("" if asked is None else " (asked->seen; red: mismatch)"), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_class_histogram(metrics_path, out_path, class_names=None):
@@ -921,11 +1245,9 @@ def plot_class_histogram(metrics_path, out_path, class_names=None):
     rows = [r for r in read_metrics(metrics_path) if "cls_hist" in r]
     if not rows:
         return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     hist = rows[-1]["cls_hist"]
-    fig, ax = plt.subplots(figsize=(6, 3))
+    fig = _figure(6, 3)
+    ax = fig.subplots()
     ax.bar(range(len(hist)), hist)
     ax.axhline(1 / len(hist), color="gray", ls="--", lw=1, label="uniform")
     ax.set_xticks(range(len(hist)), class_names or [str(k) for k in range(len(hist))], fontsize=7)
@@ -934,7 +1256,6 @@ def plot_class_histogram(metrics_path, out_path, class_names=None):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
 
 
 CLASS_NAMES = {
@@ -946,14 +1267,15 @@ def interpolate(z0, z1, steps, mode="slerp"):
     """Points from z0 to z1 (both ends included): (steps, *z0.shape).
 
     `slerp` follows the great circle (White 2016), which keeps Gaussian latents at a typical
-    norm; `linear` passes near the origin, where a Gaussian prior has little mass.
+    norm; `linear` passes near the origin, where a Gaussian prior has little mass. Where the
+    great circle is undefined (z0, z1 parallel or antiparallel: sin(omega) ~ 0), it is linear.
     """
     t = torch.linspace(0, 1, steps, device=z0.device, dtype=z0.dtype).view(-1, *([1] * z0.dim()))
     if mode == "linear":
         return (1 - t) * z0 + t * z1
     a, b = z0.flatten(), z1.flatten()
     omega = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))
-    if omega.abs() < 1e-4:  # (anti)parallel enough that the formula is 0/0: fall back to lerp
+    if torch.sin(omega).abs() < 1e-4:
         return (1 - t) * z0 + t * z1
     return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
 
@@ -961,7 +1283,10 @@ def interpolate(z0, z1, steps, mode="slerp"):
 def write_generated(out_dir, images, labels=None):
     """--generate's output: OUT/generated.npz with uint8 `images` (N, C, H, W) [and int64 `labels`]."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create --out {out_dir} ({e.strerror or type(e).__name__})") from None
     arrays = {"images": to_uint8(images).cpu().numpy()}
     if labels is not None:
         arrays["labels"] = labels.cpu().numpy().astype(np.int64)
@@ -971,13 +1296,15 @@ def write_generated(out_dir, images, labels=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Train and cache the evaluation classifier of an MNIST-like dataset.")
+    p = ArgumentParser(description="Train and cache the evaluation classifier of an MNIST-like dataset.")
     p.add_argument("--dataset", default="fashion-mnist", choices=DIGIT_LIKE)
     p.add_argument("--data-root", default="./data")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     args = p.parse_args(argv)
     try:
-        net = get_classifier(args.dataset, args.data_root, pick_device(args.device))
+        device = pick_device(args.device)
+        with fork_rng(device):
+            net = get_classifier(args.dataset, args.data_root, device)
     except UsageError as e:
         fail("common.py", e)
     print(f"{args.dataset} classifier: test accuracy {net.test_accuracy:.4f}")

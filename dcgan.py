@@ -13,11 +13,11 @@ the non-saturating loss. All as in the paper's Section 3 and 4.
 Writes into --out: args.json, metrics.jsonl, samples/step_*.png (the same 64 z at every step),
 progress.gif, losses.png (losses, D accuracy, D outputs, FID), interpolation.png, checkpoint.pt and,
 for MNIST-like data, class_histogram.png and predictions.png (20 samples titled with the classifier's label).
+The schedule of logging, sampling, checkpoints and evaluation, and the finish, are common.Run's.
 """
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -29,27 +29,28 @@ SCRIPT = "dcgan"
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model and optimisation (defaults: Radford et al. 2015, Sec. 4)")
-    m.add_argument("--arch", default="conv", choices=("conv", "mlp"),
-                   help="conv: DCGAN; mlp: 3 hidden layers in G and in D (the reports' MLP GAN)")
+    m.add_argument("--arch", default="dcgan", choices=("dcgan", "mlp"),
+                   help="dcgan: the paper's convolutional G and D; mlp: 3 hidden layers in G and in D (the reports' MLP GAN)")
     m.add_argument("--width", type=common.positive_int, default=64,
-                   help="channels of G's last and D's first conv layer, doubling per layer (ngf = ndf = 64 in the paper's code)")
+                   help="--arch dcgan: channels of G's last and D's first conv layer, doubling per layer "
+                        "(ngf = ndf = 64 in the paper's code)")
     m.add_argument("--latent-dim", type=common.positive_int, default=100, help="size of z ~ N(0, I); 100 in the paper")
     m.add_argument("--batch-size", type=common.positive_int, default=128, help="128 in the paper")
     m.add_argument("--epochs", type=common.positive_int, default=25, help="passes over the data (25 in pytorch/examples' DCGAN)")
-    m.add_argument("--lr-g", type=float, default=2e-4, help="G's Adam learning rate; 2e-4 in the paper")
-    m.add_argument("--lr-d", type=float, default=2e-4, help="D's Adam learning rate; 2e-4 in the paper")
-    m.add_argument("--beta1", type=float, default=0.5, help="Adam beta1; 0.5 in the paper (0.9 oscillated)")
-    m.add_argument("--beta2", type=float, default=0.999, help="Adam beta2; 0.999 (Adam's default) in the paper")
+    m.add_argument("--lr-g", type=common.positive_float, default=2e-4, help="G's Adam learning rate; 2e-4 in the paper")
+    m.add_argument("--lr-d", type=common.positive_float, default=2e-4, help="D's Adam learning rate; 2e-4 in the paper")
+    m.add_argument("--beta1", type=common.unit_float, default=0.5, help="Adam beta1; 0.5 in the paper (0.9 oscillated)")
+    m.add_argument("--beta2", type=common.unit_float, default=0.999, help="Adam beta2; 0.999 (Adam's default) in the paper")
     m.add_argument("--n-dis", type=common.positive_int, default=1, help="D steps per iteration; 1 in the paper")
     m.add_argument("--n-gen", type=common.positive_int, default=1, help="G steps per iteration; 1 in the paper")
-    m.add_argument("--d-dropout", type=float, default=0.0,
+    m.add_argument("--d-dropout", type=common.unit_float, default=0.0,
                    help="dropout after each of D's LeakyReLUs; 0 in the paper (the reports try 0.3 and 0.7)")
     common.add_common_args(p, SCRIPT)
     args = p.parse_args(argv)
-    if not 0 <= args.d_dropout < 1:
-        p.error(f"--d-dropout must be in [0, 1), got {args.d_dropout}")
+    common.refuse_unused(p, args, {"width": args.arch == "dcgan"}, f"--arch {args.arch}")
     return args
 
 
@@ -57,22 +58,12 @@ def parse_args(argv=None):
 # Networks
 # ----------------------------------------------------------------------------------------------
 
-def conv_plan(image_size):
-    """DCGAN's stacks start (G) or end (D) at s0 x s0 and double n times: image_size = s0 * 2**n."""
-    s0, n = image_size, 0
-    while s0 % 2 == 0 and s0 // 2 >= 3:
-        s0, n = s0 // 2, n + 1
-    if n < 2 or s0 > 7:
-        raise common.UsageError(f"--arch conv cannot make {image_size}x{image_size} images: the size must be "
-                                f"s*2^n with s in 3..7 and n >= 2 (e.g. 16, 28, 32, 48, 64, 96, 128)")
-    return s0, n
-
-
 def init_weights(m):
-    """N(0, 0.02) for every weight, BatchNorm scale N(1, 0.02) (Radford et al. 2015, Sec. 4)."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+    """N(0, 0.02) weights, BatchNorm scale N(1, 0.02) (Radford et al. 2015, Sec. 4; the same in every script
+    that uses DCGAN's networks)."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
         nn.init.normal_(m.weight, 0.0, 0.02)
-        if m.bias is not None:
+        if getattr(m, "bias", None) is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         nn.init.normal_(m.weight, 1.0, 0.02)
@@ -85,7 +76,7 @@ class Generator(nn.Module):
 
     def __init__(self, latent_dim, channels, image_size, width=64):
         super().__init__()
-        s0, n = conv_plan(image_size)
+        s0, n = common.conv_plan(image_size)
         ch = width * 2 ** (n - 1)
         layers = [nn.ConvTranspose2d(latent_dim, ch, s0, 1, 0, bias=False),  # (ch, s0, s0): the "project and reshape"
                   nn.BatchNorm2d(ch), nn.ReLU(True)]
@@ -105,7 +96,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, channels, image_size, width=64, dropout=0.0):
         super().__init__()
-        s0, n = conv_plan(image_size)
+        s0, n = common.conv_plan(image_size)
         drop = [nn.Dropout(dropout)] if dropout > 0 else []
         ch = width
         layers = [nn.Conv2d(channels, ch, 4, 2, 1, bias=False),  # (w, size/2, size/2); no BN on the input layer (Sec. 3)
@@ -199,59 +190,35 @@ def sample_images(G, z):
 
 
 def train(args):
-    device = common.pick_device(args.device)
-    args, state = common.resume(args, SCRIPT)  # --resume: the checkpoint's settings and state
-    args.image_size = args.image_size or common.NATIVE_SIZE[args.dataset]
-    if args.arch == "conv":
-        conv_plan(args.image_size)  # a size the stack cannot make fails before the data is loaded
-    common.seed_everything(args.seed)
+    run = common.Run(args, SCRIPT)  # --resume, device, precision and --out; seeds torch
+    args, device = run.args, run.device
+    if args.arch == "dcgan":
+        common.conv_plan(args.image_size)  # a size the stack cannot make fails before the data is loaded
     data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
     G = build_generator(args, data.channels).to(device)
     D = build_discriminator(args, data.channels).to(device)
-    opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2))
-    fixed_z = torch.randn(64, args.latent_dim, device=device)  # the same z in every sample grid
-    step, position = 0, 0
-    if state is not None:
-        step, position = common.restore(state, G=G, D=D, opt_g=opt_g, opt_d=opt_d)
-        fixed_z = state["fixed_z"].to(device)
-    batches = common.Batches(data, args.batch_size, args.seed, position)
+    opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2), fused=run.fused)
+    opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2), fused=run.fused)
+    batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # with --resume: their saved states
     total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
-    run = common.Run(args, SCRIPT, total, batches)
-    evaluator = common.Evaluator(data, args.data_root, device, args.eval_samples, args.seed)
-    amp = not args.no_amp
+    step = run.start(total, lambda z, y: sample_images(G, z), latent_dim=args.latent_dim, panels=[
+        ("losses", ["loss_d", "loss_g"]),
+        ("D accuracy (0.5 = fooled)", ["acc_real", "acc_fake"]),
+        ("D output sigmoid(D(.))", ["p_real", "p_fake"]),
+        ("FID (lower is better)", ["cls_fid", "fid"]),
+    ])
 
-    def sample_for_eval(n, generator):
-        return sample_images(G, torch.randn(n, args.latent_dim, device=device, generator=generator)), None
-
-    def save(step):
-        run.save(step, G=G, D=D, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
-        common.save_grid(sample_images(G, fixed_z), run.dir / "samples" / f"step_{step:07d}.png")
-
-    def plots():
-        common.plot_metrics(run.metrics_path, run.dir / "losses.png", [
-            ("losses", ["loss_d", "loss_g"]),
-            ("D accuracy (0.5 = fooled)", ["acc_real", "acc_fake"]),
-            ("D output sigmoid(D(.))", ["d_real", "d_fake"]),
-            ("FID (lower is better)", ["cls_fid", "fid"]),
-        ])
-        common.plot_class_histogram(run.metrics_path, run.dir / "class_histogram.png", common.CLASS_NAMES.get(args.dataset))
-        common.make_gif(run.dir / "samples", run.dir / "progress.gif")
-
-    meter, metrics = common.Meter(), {}
-    run.start(step)
-    if state is None:
-        save(0)
-    try:
+    with run:
         while not run.should_stop(step):
             # D step: minimise softplus(-D(x)) + softplus(D(G(z)))  (Goodfellow et al. 2014, Eq. 1)
             for _ in range(args.n_dis):
                 real, _ = batches.next()
                 z = torch.randn(real.shape[0], args.latent_dim, device=device)
-                with common.autocast(device, amp):
-                    fake = G(z).detach()  # D's step must not push gradients into G
-                    real_logits, fake_logits = D(real), D(fake)
-                    loss_d = d_loss(real_logits, fake_logits)
+                with run.autocast():
+                    with torch.no_grad():  # D's step must not push gradients into G: record no graph for G at all
+                        fake = G(z)
+                    real_logits, fake_logits = D(real).float(), D(fake).float()  # the loss in float32
+                loss_d = d_loss(real_logits, fake_logits)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
@@ -260,62 +227,27 @@ def train(args):
             D.requires_grad_(False)  # gradients flow through D to G, but D's own weight gradients are not needed
             for _ in range(args.n_gen):
                 z = torch.randn(args.batch_size, args.latent_dim, device=device)
-                with common.autocast(device, amp):
-                    loss_g = g_loss(D(G(z)))
+                with run.autocast():
+                    fake_logits_g = D(G(z)).float()
+                loss_g = g_loss(fake_logits_g)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()
             D.requires_grad_(True)
             step += 1
-
-            meter.add(loss_d=loss_d, loss_g=loss_g,
-                      d_real=torch.sigmoid(real_logits).mean(), d_fake=torch.sigmoid(fake_logits).mean(),
-                      acc_real=(real_logits > 0).float().mean(), acc_fake=(fake_logits < 0).float().mean())
-            if step % args.log_every == 0:  # the only host syncs of the loop
-                stats = meter.read()
-                common.check_finite(step, loss_d=stats["loss_d"], loss_g=stats["loss_g"])
-                run.log(step, batches.epoch, stats)
-            if step % args.sample_every == 0:
-                save(step)
-            if args.eval_every and step % args.eval_every == 0 and step < total:
-                metrics = evaluator(sample_for_eval)
-                run.log(step, batches.epoch, metrics)
-        if step != run.saved_step:
-            save(step)
-    except common.Diverged as e:
-        plots()
-        run.diverged(e)
-    run.close()
-    if run.interrupted:
-        plots()
-        run.interrupted_exit(step)
-
-    metrics = evaluator(sample_for_eval)
-    if metrics:
-        run.log(step, batches.epoch, metrics)
-    plots()
-    # Interpolation: 8 rows of 10 steps along the great circle between random z pairs.
-    g = torch.Generator(device).manual_seed(args.seed + 3)
-    z0, z1 = torch.randn(2, 8, args.latent_dim, device=device, generator=g)
-    path = torch.stack([common.interpolate(a, b, 10, "slerp") for a, b in zip(z0, z1)])  # (8, 10, latent)
-    common.save_grid(sample_images(G, path.flatten(0, 1)), run.dir / "interpolation.png", nrow=10)
-    z20 = torch.randn(20, args.latent_dim, device=device, generator=g)
-    common.save_predictions(evaluator, sample_images(G, z20), run.dir / "predictions.png",
-                            class_names=common.CLASS_NAMES.get(args.dataset))
-    run.write_summary(step, batches.epoch, metrics, evaluator.source, "time limit" if step < total else "done")
-    return run.dir
+            run.end_step(step, loss_d=loss_d, loss_g=loss_g, d_real=real_logits.mean(), d_fake=fake_logits.mean(),
+                         p_real=torch.sigmoid(real_logits).mean(), p_fake=torch.sigmoid(fake_logits).mean(),
+                         acc_real=(real_logits > 0).float().mean(), acc_fake=(fake_logits < 0).float().mean())
+    return run.finish()
 
 
 def generate(args):
     """--generate N: load G from --checkpoint and write N samples; needs no dataset."""
-    saved, state, device = common.load_for_generate(args, SCRIPT)
-    G = build_generator(saved, state["data"]["channels"]).to(device)
-    G.load_state_dict(state["G"])
-    z = torch.randn(args.generate, saved.latent_dim, device=device,
-                    generator=torch.Generator(device).manual_seed(args.seed))
-    path = common.write_generated(args.out or Path(args.checkpoint).parent, sample_images(G, z))
-    print(f"{SCRIPT}: wrote {args.generate} samples to {path}")
-    return path
+    def load(saved, state, device):
+        G = build_generator(saved, state["data"]["channels"]).to(device)
+        G.load_state_dict(state["G"])
+        return lambda z, y: sample_images(G, z)
+    return common.generate(args, SCRIPT, load)
 
 
 def main(argv=None):

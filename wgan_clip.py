@@ -19,7 +19,6 @@ interpolation.png, checkpoint.pt.
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -30,12 +29,13 @@ SCRIPT = "wgan_clip"
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model and optimisation (defaults: Arjovsky et al. 2017, Algorithm 1)")
     m.add_argument("--arch", default="dcgan", choices=("dcgan", "mlp"),
                    help="dcgan: DCGAN G and critic; mlp: 4 layers of 512 in G and critic (the paper's Sec. 4.3 MLP)")
     m.add_argument("--width", type=common.positive_int, default=64,
-                   help="channels of G's last and the critic's first conv layer (64 in the authors' code)")
+                   help="--arch dcgan: channels of G's last and the critic's first conv layer (64 in the authors' code)")
     m.add_argument("--critic-bn", default="on", choices=("on", "off"),
                    help="BatchNorm in the DCGAN critic, as in the authors' code; 'off' for the Sec. 4.3 ablations")
     m.add_argument("--latent-dim", type=common.positive_int, default=100, help="size of z ~ N(0, I); 100 in the authors' code")
@@ -43,41 +43,35 @@ def parse_args(argv=None):
     m.add_argument("--epochs", type=common.positive_int, default=100, help="passes over the data seen by the critic")
     m.add_argument("--optimizer", default="rmsprop", choices=("rmsprop", "adam"),
                    help="RMSProp as in Algorithm 1 (Adam with momentum was unstable, Sec. 4); adam uses --beta1/--beta2")
-    m.add_argument("--lr-g", type=float, default=5e-5, help="G's learning rate; alpha = 5e-5 in Algorithm 1")
-    m.add_argument("--lr-d", type=float, default=5e-5, help="critic's learning rate; alpha = 5e-5 in Algorithm 1")
-    m.add_argument("--beta1", type=float, default=0.5, help="Adam beta1, with --optimizer adam only")
-    m.add_argument("--beta2", type=float, default=0.999, help="Adam beta2, with --optimizer adam only")
+    m.add_argument("--lr-g", type=common.positive_float, default=5e-5, help="G's learning rate; alpha = 5e-5 in Algorithm 1")
+    m.add_argument("--lr-d", type=common.positive_float, default=5e-5, help="critic's learning rate; alpha = 5e-5 in Algorithm 1")
+    m.add_argument("--beta1", type=common.unit_float, default=0.5, help="Adam beta1, with --optimizer adam only")
+    m.add_argument("--beta2", type=common.unit_float, default=0.999, help="Adam beta2, with --optimizer adam only")
     m.add_argument("--n-dis", type=common.positive_int, default=5, help="critic steps per G step; n_critic = 5 in Algorithm 1")
     m.add_argument("--n-gen", type=common.positive_int, default=1, help="G steps per iteration; 1 in Algorithm 1")
-    m.add_argument("--clip", type=float, default=0.01, help="clip critic weights to [-c, c]; c = 0.01 in Algorithm 1")
+    m.add_argument("--clip", type=common.positive_float, default=0.01,
+                   help="clip critic weights to [-c, c]; c = 0.01 in Algorithm 1")
     m.add_argument("--warmup-critic", default="on", choices=("on", "off"),
                    help="the authors' schedule: 100 critic steps per G step for the first 25 G steps and every "
                         "500th, to train the critic near optimality when G changes most; off = always --n-dis")
     common.add_common_args(p, SCRIPT)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    common.refuse_unused(p, args, {"width": args.arch == "dcgan", "critic_bn": args.arch == "dcgan"}, f"--arch {args.arch}")
+    common.refuse_unused(p, args, {"beta1": args.optimizer == "adam", "beta2": args.optimizer == "adam"},
+                         f"--optimizer {args.optimizer}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
 
-def conv_plan(image_size):
-    """The DCGAN stacks start (G) or end (D) at s0 x s0 and double n times: image_size = s0 * 2**n."""
-    s0, n = image_size, 0
-    while s0 % 2 == 0 and s0 // 2 >= 3:
-        s0, n = s0 // 2, n + 1
-    if n < 2 or s0 > 7:
-        raise common.UsageError(f"--arch dcgan cannot make {image_size}x{image_size} images: the size must be "
-                                f"s*2^n with s in 3..7 and n >= 2 (e.g. 16, 28, 32, 48, 64, 96, 128)")
-    return s0, n
-
-
 class Generator(nn.Module):
-    """DCGAN's generator. 28 px: (2w,7,7) -> (w,14,14) -> (C,28,28); 64 px: (8w,4,4) -> ... -> (C,64,64)."""
+    """dcgan.py's generator, unchanged. 28 px: (2w,7,7) -> (w,14,14) -> (C,28,28); 64 px: (8w,4,4) -> ... -> (C,64,64)."""
 
     def __init__(self, latent_dim, channels, image_size, width=64):
         super().__init__()
-        s0, n = conv_plan(image_size)
+        s0, n = common.conv_plan(image_size)
         ch = width * 2 ** (n - 1)
         layers = [nn.ConvTranspose2d(latent_dim, ch, s0, 1, 0, bias=False), nn.BatchNorm2d(ch), nn.ReLU(True)]  # (ch, s0, s0)
         for _ in range(n - 1):
@@ -91,11 +85,12 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """DCGAN's discriminator with an unbounded score: stride-2 convs, optional BatchNorm, LeakyReLU(0.2)."""
+    """dcgan.py's discriminator with an unbounded score (no sigmoid) and BatchNorm that --critic-bn can turn off:
+    stride-2 convs, LeakyReLU(0.2)."""
 
     def __init__(self, channels, image_size, width=64, batchnorm=True):
         super().__init__()
-        s0, n = conv_plan(image_size)
+        s0, n = common.conv_plan(image_size)
         ch = width
         layers = [nn.Conv2d(channels, ch, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]  # (w, size/2, size/2)
         for _ in range(n - 1):
@@ -110,6 +105,8 @@ class Critic(nn.Module):
 
 
 class MLPGenerator(nn.Module):
+    """z -> 3 x (512, ReLU) -> pixels, tanh: the paper's Sec. 4.3 MLP (no BatchNorm, unlike dcgan.py's MLP G)."""
+
     def __init__(self, latent_dim, channels, image_size, width=512):
         super().__init__()
         self.shape = (channels, image_size, image_size)
@@ -121,6 +118,8 @@ class MLPGenerator(nn.Module):
 
 
 class MLPCritic(nn.Module):
+    """pixels -> 3 x (512, ReLU) -> score."""
+
     def __init__(self, channels, image_size, width=512):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * image_size ** 2, width), nn.ReLU(True),
@@ -132,25 +131,26 @@ class MLPCritic(nn.Module):
 
 
 def init_weights(m):
-    """N(0, 0.02) weights and N(1, 0.02) BatchNorm scales, as in the authors' DCGAN code."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+    """N(0, 0.02) weights, BatchNorm scale N(1, 0.02) (Radford et al. 2015, Sec. 4; the same in every script
+    that uses DCGAN's networks)."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)):
         nn.init.normal_(m.weight, 0.0, 0.02)
-        if m.bias is not None:
+        if getattr(m, "bias", None) is not None:
             nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.BatchNorm2d):
+    elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         nn.init.normal_(m.weight, 1.0, 0.02)
         nn.init.zeros_(m.bias)
 
 
 def build_generator(args, channels):
     if args.arch == "mlp":
-        return MLPGenerator(args.latent_dim, channels, args.image_size, 8 * args.width).apply(init_weights)
+        return MLPGenerator(args.latent_dim, channels, args.image_size).apply(init_weights)
     return Generator(args.latent_dim, channels, args.image_size, args.width).apply(init_weights)
 
 
 def build_critic(args, channels):
     if args.arch == "mlp":
-        return MLPCritic(channels, args.image_size, 8 * args.width).apply(init_weights)
+        return MLPCritic(channels, args.image_size).apply(init_weights)
     return Critic(channels, args.image_size, args.width, args.critic_bn == "on").apply(init_weights)
 
 
@@ -203,66 +203,45 @@ def sample_images(G, z):
     return x
 
 
-def make_optimizer(args, params, lr):
+def make_optimizer(args, params, lr, fused=False):
     if args.optimizer == "adam":
-        return torch.optim.Adam(params, lr, betas=(args.beta1, args.beta2))
+        return torch.optim.Adam(params, lr, betas=(args.beta1, args.beta2), fused=fused)
     return torch.optim.RMSprop(params, lr)
 
 
 def train(args):
-    device = common.pick_device(args.device)
-    args, state = common.resume(args, SCRIPT)  # --resume: the checkpoint's settings and state
-    args.image_size = args.image_size or common.NATIVE_SIZE[args.dataset]
+    run = common.Run(args, SCRIPT)  # --resume, device, precision and --out; seeds torch
+    args, device = run.args, run.device
     build_generator(args, 1)  # an impossible size fails here, before the data is loaded
-    common.seed_everything(args.seed)
     data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
     G = build_generator(args, data.channels).to(device)
     D = build_critic(args, data.channels).to(device)
     clip_weights(D, args.clip)  # start inside the constraint set
-    opt_g = make_optimizer(args, G.parameters(), args.lr_g)
-    opt_d = make_optimizer(args, D.parameters(), args.lr_d)
-    fixed_z = torch.randn(64, args.latent_dim, device=device)
-    step, position = 0, 0
-    if state is not None:
-        step, position = common.restore(state, G=G, D=D, opt_g=opt_g, opt_d=opt_d)
-        fixed_z = state["fixed_z"].to(device)
-    batches = common.Batches(data, args.batch_size, args.seed, position)
+    opt_g = make_optimizer(args, G.parameters(), args.lr_g, run.fused)
+    opt_d = make_optimizer(args, D.parameters(), args.lr_d, run.fused)
+    batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # with --resume: their saved states
     warmup = args.warmup_critic == "on"
     # --epochs counts critic batches at n_dis per G step; the warm-up's extra critic steps come on top.
     total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
-    run = common.Run(args, SCRIPT, total, batches)
-    evaluator = common.Evaluator(data, args.data_root, device, args.eval_samples, args.seed)
-    amp = not args.no_amp
+    step = run.start(total, lambda z, y: sample_images(G, z), latent_dim=args.latent_dim, panels=[
+        ("losses", ["loss_d", "loss_g"]),
+        ("share of critic weights at +-clip", ["clip_share"]),
+        ("critic estimate E[D(x)] - E[D(G(z))] vs FID", ["w_estimate"], ["cls_fid", "fid"]),
+    ])
 
-    def sample_for_eval(n, generator):
-        return sample_images(G, torch.randn(n, args.latent_dim, device=device, generator=generator)), None
-
-    def save(step):
-        run.save(step, G=G, D=D, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
-        common.save_grid(sample_images(G, fixed_z), run.dir / "samples" / f"step_{step:07d}.png")
-
-    def plots():
-        common.plot_metrics(run.metrics_path, run.dir / "losses.png", [
-            ("losses", ["loss_d", "loss_g"]),
-            ("share of critic weights at +-clip", ["clip_share"]),
-            ("critic estimate E[D(x)] - E[D(G(z))] vs FID", ["w_estimate"], ["cls_fid", "fid"]),
-        ])
-        common.make_gif(run.dir / "samples", run.dir / "progress.gif")
-
-    meter, metrics = common.Meter(), {}
-    run.start(step)
-    if state is None:
-        save(0)
-    try:
+    with run:
         while not run.should_stop(step):
             # Critic steps: minimise E[D(G(z))] - E[D(x)], then clip the weights  (Algorithm 1, lines 2-8)
             for _ in range(critic_steps(step, args.n_dis, warmup)):
                 real, _ = batches.next()
                 z = torch.randn(real.shape[0], args.latent_dim, device=device)
-                with common.autocast(device, amp):
-                    fake = G(z).detach()  # the critic's step must not update G
-                    real_scores, fake_scores = D(real), D(fake)
-                    loss_d = critic_loss(real_scores, fake_scores)
+                with run.autocast():
+                    with torch.no_grad():  # the critic's step must not update G: record no graph for G at all
+                        fake = G(z)
+                    # Scores in float32: means of scores near 50 lose their last digits in bf16. Two forwards,
+                    # not one: the critic's BatchNorm would otherwise mix real and fake statistics.
+                    real_scores, fake_scores = D(real).float(), D(fake).float()
+                loss_d = critic_loss(real_scores, fake_scores)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
@@ -272,56 +251,28 @@ def train(args):
             D.requires_grad_(False)  # gradients flow through the critic, its weights need none
             for _ in range(args.n_gen):
                 z = torch.randn(args.batch_size, args.latent_dim, device=device)
-                with common.autocast(device, amp):
-                    loss_g = generator_loss(D(G(z)))
+                with run.autocast():
+                    fake_scores_g = D(G(z)).float()
+                loss_g = generator_loss(fake_scores_g)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()
             D.requires_grad_(True)
             step += 1
-
-            meter.add(loss_d=loss_d, loss_g=loss_g, w_estimate=-loss_d, d_real=real_scores.mean(), d_fake=fake_scores.mean())
-            if step % args.log_every == 0:  # the only host syncs of the loop
-                stats = meter.read()
-                common.check_finite(step, loss_d=stats["loss_d"], loss_g=stats["loss_g"])
-                run.log(step, batches.epoch, {**stats, "clip_share": share_at_bound(D, args.clip).item()})
-            if step % args.sample_every == 0:
-                save(step)
-            if args.eval_every and step % args.eval_every == 0 and step < total:
-                metrics = evaluator(sample_for_eval)
-                run.log(step, batches.epoch, metrics)
-        if step != run.saved_step:
-            save(step)
-    except common.Diverged as e:
-        plots()
-        run.diverged(e)
-    run.close()
-    if run.interrupted:
-        plots()
-        run.interrupted_exit(step)
-
-    metrics = evaluator(sample_for_eval)
-    if metrics:
-        run.log(step, batches.epoch, metrics)
-    plots()
-    g = torch.Generator(device).manual_seed(args.seed + 3)
-    z0, z1 = torch.randn(2, 8, args.latent_dim, device=device, generator=g)
-    path = torch.stack([common.interpolate(a, b, 10, "slerp") for a, b in zip(z0, z1)])  # (8 rows, 10 steps, latent)
-    common.save_grid(sample_images(G, path.flatten(0, 1)), run.dir / "interpolation.png", nrow=10)
-    run.write_summary(step, batches.epoch, metrics, evaluator.source, "time limit" if step < total else "done")
-    return run.dir
+            stats = dict(loss_d=loss_d, loss_g=loss_g, w_estimate=-loss_d, d_real=real_scores.mean(), d_fake=fake_scores.mean())
+            if step % args.log_every == 0:  # a walk over every weight: only when a line is written
+                stats["clip_share"] = share_at_bound(D, args.clip)
+            run.end_step(step, **stats)
+    return run.finish()
 
 
 def generate(args):
     """--generate N: load G from --checkpoint and write N samples; needs no dataset."""
-    saved, state, device = common.load_for_generate(args, SCRIPT)
-    G = build_generator(saved, state["data"]["channels"]).to(device)
-    G.load_state_dict(state["G"])
-    z = torch.randn(args.generate, saved.latent_dim, device=device,
-                    generator=torch.Generator(device).manual_seed(args.seed))
-    path = common.write_generated(args.out or Path(args.checkpoint).parent, sample_images(G, z))
-    print(f"{SCRIPT}: wrote {args.generate} samples to {path}")
-    return path
+    def load(saved, state, device):
+        G = build_generator(saved, state["data"]["channels"]).to(device)
+        G.load_state_dict(state["G"])
+        return lambda z, y: sample_images(G, z)
+    return common.generate(args, SCRIPT, load)
 
 
 def main(argv=None):

@@ -19,7 +19,6 @@ checkpoint.pt.
 
 import argparse
 import math
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -30,65 +29,58 @@ SCRIPT = "wgan_gp"
 
 
 def parse_args(argv=None):
-    p = common.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.ArgumentParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model and optimisation (defaults: Gulrajani et al. 2017, Algorithm 1)")
     m.add_argument("--arch", default="dcgan", choices=("dcgan", "resnet", "mlp"),
                    help="dcgan: DCGAN G and a critic without BatchNorm; resnet: the paper's CIFAR-10 ResNet "
                         "(sizes divisible by 8); mlp: 3 hidden layers of 512 (the paper's toy/MNIST MLP)")
     m.add_argument("--width", type=common.positive_int, default=64,
                    help="base channels (dcgan: G's last and D's first layer; resnet: 2x this in every block); "
-                        "DIM = 64 in the authors' code, 128 channels in its ResNet")
+                        "DIM = 64 in the authors' code, 128 channels in its ResNet; not used by mlp (512 units)")
     m.add_argument("--critic-norm", default="layer", choices=("layer", "none"),
                    help="normalisation in the dcgan critic: layer norm over (C, H, W) as the paper recommends "
                         "(Sec. 4), or none; never BatchNorm")
     m.add_argument("--latent-dim", type=common.positive_int, default=128, help="size of z ~ N(0, I); 128 in the authors' code")
     m.add_argument("--batch-size", type=common.positive_int, default=64, help="m = 64 in Algorithm 1")
     m.add_argument("--epochs", type=common.positive_int, default=100, help="passes over the data seen by the critic")
-    m.add_argument("--lr-g", type=float, default=1e-4, help="G's Adam learning rate; alpha = 1e-4 in Algorithm 1")
-    m.add_argument("--lr-d", type=float, default=1e-4, help="critic's Adam learning rate; alpha = 1e-4 in Algorithm 1")
-    m.add_argument("--beta1", type=float, default=0.0,
+    m.add_argument("--lr-g", type=common.positive_float, default=1e-4, help="G's Adam learning rate; alpha = 1e-4 in Algorithm 1")
+    m.add_argument("--lr-d", type=common.positive_float, default=1e-4,
+                   help="critic's Adam learning rate; alpha = 1e-4 in Algorithm 1")
+    m.add_argument("--beta1", type=common.unit_float, default=0.0,
                    help="Adam beta1; 0 in Algorithm 1 (the authors' DCGAN/MNIST code used 0.5)")
-    m.add_argument("--beta2", type=float, default=0.9, help="Adam beta2; 0.9 in Algorithm 1")
+    m.add_argument("--beta2", type=common.unit_float, default=0.9, help="Adam beta2; 0.9 in Algorithm 1")
     m.add_argument("--n-dis", type=common.positive_int, default=5, help="critic steps per G step; n_critic = 5 in Algorithm 1")
     m.add_argument("--n-gen", type=common.positive_int, default=1, help="G steps per iteration; 1 in Algorithm 1")
-    m.add_argument("--gp-weight", type=float, default=10.0, help="lambda, the penalty's weight; 10 in Algorithm 1")
+    m.add_argument("--gp-weight", type=common.nonneg_float, default=10.0, help="lambda, the penalty's weight; 10 in Algorithm 1")
     m.add_argument("--one-sided", action="store_true",
                    help="penalise only norms above 1, max(0, ||grad|| - 1)^2 (the paper's Sec. 4 alternative)")
-    m.add_argument("--drift", type=float, default=0.0,
+    m.add_argument("--drift", type=common.nonneg_float, default=0.0,
                    help="weight of eps_drift * E[D(x)^2], which keeps the critic's output near 0 "
                         "(Karras et al. 2018 use 1e-3); 0 = off, as in the paper")
     common.add_common_args(p, SCRIPT)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    common.refuse_unused(p, args, {"width": args.arch != "mlp", "critic_norm": args.arch == "dcgan"}, f"--arch {args.arch}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------
 
-def conv_plan(image_size):
-    """The DCGAN stacks start (G) or end (D) at s0 x s0 and double n times: image_size = s0 * 2**n."""
-    s0, n = image_size, 0
-    while s0 % 2 == 0 and s0 // 2 >= 3:
-        s0, n = s0 // 2, n + 1
-    if n < 2 or s0 > 7:
-        raise common.UsageError(f"--arch dcgan cannot make {image_size}x{image_size} images: the size must be "
-                                f"s*2^n with s in 3..7 and n >= 2 (e.g. 16, 28, 32, 48, 64, 96, 128)")
-    return s0, n
-
-
 class Generator(nn.Module):
-    """DCGAN's generator (BatchNorm is fine in G: the penalty concerns only the critic).
+    """dcgan.py's generator, unchanged (BatchNorm is fine in G: the penalty concerns only the critic).
     28 px: (2w,7,7) -> (w,14,14) -> (C,28,28); 64 px: (8w,4,4) -> ... -> (C,64,64)."""
 
     def __init__(self, latent_dim, channels, image_size, width=64):
         super().__init__()
-        s0, n = conv_plan(image_size)
+        s0, n = common.conv_plan(image_size)
         ch = width * 2 ** (n - 1)
         layers = [nn.ConvTranspose2d(latent_dim, ch, s0, 1, 0, bias=False), nn.BatchNorm2d(ch), nn.ReLU(True)]  # (ch, s0, s0)
         for _ in range(n - 1):
             layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]  # 2x size
             ch //= 2
-        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1), nn.Tanh()]  # (C, size, size)
+        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1, bias=False), nn.Tanh()]  # (C, size, size)
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
@@ -96,11 +88,12 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """DCGAN's discriminator without BatchNorm: stride-2 convs, LeakyReLU(0.2), an unbounded score."""
+    """dcgan.py's discriminator with an unbounded score and, deliberately, no BatchNorm (layer norm or none)
+    and biases in every conv (no BatchNorm follows to absorb them): stride-2 convs, LeakyReLU(0.2)."""
 
     def __init__(self, channels, image_size, width=64, norm="layer"):
         super().__init__()
-        s0, n = conv_plan(image_size)
+        s0, n = common.conv_plan(image_size)
         ch, size = width, image_size // 2
         layers = [nn.Conv2d(channels, ch, 4, 2, 1), nn.LeakyReLU(0.2, True)]  # (w, size/2, size/2)
         for _ in range(n - 1):
@@ -176,6 +169,8 @@ class ResNetCritic(nn.Module):
 
 
 class MLPGenerator(nn.Module):
+    """z -> 3 x (512, ReLU) -> pixels, tanh: the authors' MNIST MLP (no BatchNorm, unlike dcgan.py's MLP G)."""
+
     def __init__(self, latent_dim, channels, image_size, width=512):
         super().__init__()
         self.shape = (channels, image_size, image_size)
@@ -187,6 +182,8 @@ class MLPGenerator(nn.Module):
 
 
 class MLPCritic(nn.Module):
+    """pixels -> 3 x (512, ReLU) -> score."""
+
     def __init__(self, channels, image_size, width=512):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(channels * image_size ** 2, width), nn.ReLU(True),
@@ -197,11 +194,13 @@ class MLPCritic(nn.Module):
         return self.net(x).view(-1)
 
 
+# Initialisation: PyTorch's default (Kaiming-uniform), deliberately not DCGAN's N(0, 0.02): the authors'
+# WGAN-GP code initialises with He/Glorot-style uniform draws, which this is close to.
 def build_generator(args, channels):
     if args.arch == "resnet":
         return ResNetGenerator(args.latent_dim, channels, args.image_size, args.width)
     if args.arch == "mlp":
-        return MLPGenerator(args.latent_dim, channels, args.image_size, 8 * args.width)
+        return MLPGenerator(args.latent_dim, channels, args.image_size)
     return Generator(args.latent_dim, channels, args.image_size, args.width)
 
 
@@ -209,7 +208,7 @@ def build_critic(args, channels):
     if args.arch == "resnet":
         return ResNetCritic(channels, args.image_size, args.width)
     if args.arch == "mlp":
-        return MLPCritic(channels, args.image_size, 8 * args.width)
+        return MLPCritic(channels, args.image_size)
     return Critic(channels, args.image_size, args.width, args.critic_norm)
 
 
@@ -257,61 +256,40 @@ def sample_images(G, z):
 
 
 def train(args):
-    device = common.pick_device(args.device)
-    args, state = common.resume(args, SCRIPT)  # --resume: the checkpoint's settings and state
-    args.image_size = args.image_size or common.NATIVE_SIZE[args.dataset]
+    run = common.Run(args, SCRIPT)  # --resume, device, precision and --out; seeds torch
+    args, device = run.args, run.device
     build_generator(args, 1)  # an impossible size fails here, before the data is loaded
-    common.seed_everything(args.seed)
     data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
     G = build_generator(args, data.channels).to(device)
     D = build_critic(args, data.channels).to(device)
-    opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2))
-    fixed_z = torch.randn(64, args.latent_dim, device=device)
-    step, position = 0, 0
-    if state is not None:
-        step, position = common.restore(state, G=G, D=D, opt_g=opt_g, opt_d=opt_d)
-        fixed_z = state["fixed_z"].to(device)
-    batches = common.Batches(data, args.batch_size, args.seed, position)
+    opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2), fused=run.fused)
+    opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2), fused=run.fused)
+    batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # with --resume: their saved states
     total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
-    run = common.Run(args, SCRIPT, total, batches)
-    evaluator = common.Evaluator(data, args.data_root, device, args.eval_samples, args.seed)
-    amp = not args.no_amp
+    step = run.start(total, lambda z, y: sample_images(G, z), latent_dim=args.latent_dim, panels=[
+        ("losses", ["loss_d", "loss_g"]),
+        ("gradient penalty, mean ||grad D(x_hat)||", ["gp", "grad_norm"]),
+        ("critic estimate E[D(x)] - E[D(G(z))] vs FID", ["w_estimate"], ["cls_fid", "fid"]),
+    ])
 
-    def sample_for_eval(n, generator):
-        return sample_images(G, torch.randn(n, args.latent_dim, device=device, generator=generator)), None
-
-    def save(step):
-        run.save(step, G=G, D=D, opt_g=opt_g, opt_d=opt_d, fixed_z=fixed_z)
-        common.save_grid(sample_images(G, fixed_z), run.dir / "samples" / f"step_{step:07d}.png")
-
-    def plots():
-        common.plot_metrics(run.metrics_path, run.dir / "losses.png", [
-            ("losses", ["loss_d", "loss_g"]),
-            ("gradient penalty, mean ||grad D(x_hat)||", ["gp", "grad_norm"]),
-            ("critic estimate E[D(x)] - E[D(G(z))] vs FID", ["w_estimate"], ["cls_fid", "fid"]),
-        ])
-        common.make_gif(run.dir / "samples", run.dir / "progress.gif")
-
-    meter, metrics = common.Meter(), {}
-    run.start(step)
-    if state is None:
-        save(0)
-    try:
+    with run:
         while not run.should_stop(step):
             # Critic steps: minimise E[D(G(z))] - E[D(x)] + lambda * GP (+ drift * E[D(x)^2])  (Algorithm 1, lines 2-9)
             for _ in range(args.n_dis):
                 real, _ = batches.next()
                 z = torch.randn(real.shape[0], args.latent_dim, device=device)
-                with common.autocast(device, amp):
-                    fake = G(z).detach()  # the critic's step must not update G
-                    real_scores, fake_scores = D(real), D(fake)
-                    loss_w = critic_loss(real_scores, fake_scores)
+                with run.autocast():
+                    with torch.no_grad():  # the critic's step must not update G: record no graph for G at all
+                        fake = G(z)
+                    # One forward for real and fake: the critic has no BatchNorm, so samples do not interact.
+                    # Scores in float32: means of scores near 50 lose their last digits in bf16.
+                    real_scores, fake_scores = D(torch.cat([real, fake.to(real.dtype)])).float().chunk(2)
+                loss_w = critic_loss(real_scores, fake_scores)
                 # The penalty differentiates through a gradient: kept in float32 even under autocast.
-                gp, grad_norm = gradient_penalty(D, real, fake, args.one_sided)
+                gp, grad_norm = gradient_penalty(D, real, fake.float(), args.one_sided)
                 loss_d = loss_w + args.gp_weight * gp
                 if args.drift:
-                    loss_d = loss_d + args.drift * (real_scores.float() ** 2).mean()
+                    loss_d = loss_d + args.drift * (real_scores ** 2).mean()
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
@@ -320,57 +298,26 @@ def train(args):
             D.requires_grad_(False)  # gradients flow through the critic, its weights need none
             for _ in range(args.n_gen):
                 z = torch.randn(args.batch_size, args.latent_dim, device=device)
-                with common.autocast(device, amp):
-                    loss_g = generator_loss(D(G(z)))
+                with run.autocast():
+                    fake_scores_g = D(G(z)).float()
+                loss_g = generator_loss(fake_scores_g)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()
             D.requires_grad_(True)
             step += 1
-
-            meter.add(loss_d=loss_d, loss_g=loss_g, w_estimate=-loss_w, gp=gp, grad_norm=grad_norm.mean(),
-                      d_real=real_scores.mean(), d_fake=fake_scores.mean())
-            if step % args.log_every == 0:  # the only host syncs of the loop
-                stats = meter.read()
-                common.check_finite(step, loss_d=stats["loss_d"], loss_g=stats["loss_g"])
-                run.log(step, batches.epoch, stats)
-            if step % args.sample_every == 0:
-                save(step)
-            if args.eval_every and step % args.eval_every == 0 and step < total:
-                metrics = evaluator(sample_for_eval)
-                run.log(step, batches.epoch, metrics)
-        if step != run.saved_step:
-            save(step)
-    except common.Diverged as e:
-        plots()
-        run.diverged(e)
-    run.close()
-    if run.interrupted:
-        plots()
-        run.interrupted_exit(step)
-
-    metrics = evaluator(sample_for_eval)
-    if metrics:
-        run.log(step, batches.epoch, metrics)
-    plots()
-    g = torch.Generator(device).manual_seed(args.seed + 3)
-    z0, z1 = torch.randn(2, 8, args.latent_dim, device=device, generator=g)
-    path = torch.stack([common.interpolate(a, b, 10, "slerp") for a, b in zip(z0, z1)])  # (8 rows, 10 steps, latent)
-    common.save_grid(sample_images(G, path.flatten(0, 1)), run.dir / "interpolation.png", nrow=10)
-    run.write_summary(step, batches.epoch, metrics, evaluator.source, "time limit" if step < total else "done")
-    return run.dir
+            run.end_step(step, loss_d=loss_d, loss_g=loss_g, w_estimate=-loss_w, gp=gp, grad_norm=grad_norm.mean(),
+                         d_real=real_scores.mean(), d_fake=fake_scores.mean())
+    return run.finish()
 
 
 def generate(args):
     """--generate N: load G from --checkpoint and write N samples; needs no dataset."""
-    saved, state, device = common.load_for_generate(args, SCRIPT)
-    G = build_generator(saved, state["data"]["channels"]).to(device)
-    G.load_state_dict(state["G"])
-    z = torch.randn(args.generate, saved.latent_dim, device=device,
-                    generator=torch.Generator(device).manual_seed(args.seed))
-    path = common.write_generated(args.out or Path(args.checkpoint).parent, sample_images(G, z))
-    print(f"{SCRIPT}: wrote {args.generate} samples to {path}")
-    return path
+    def load(saved, state, device):
+        G = build_generator(saved, state["data"]["channels"]).to(device)
+        G.load_state_dict(state["G"])
+        return lambda z, y: sample_images(G, z)
+    return common.generate(args, SCRIPT, load)
 
 
 def main(argv=None):

@@ -22,3 +22,16 @@ def run_script(module, argv, capsys=None):
         code = e.code if isinstance(e.code, int) else 1
     err = capsys.readouterr().err if capsys else ""
     return code, err
+
+
+def without(argv, *flags):
+    """argv minus each flag and its value (e.g. --width for an architecture that has none)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        else:
+            out.append(a)
+    return out

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import cgan
 import common
-from conftest import run_script
+from conftest import run_script, without
 
 FAST = ["--dataset", "fake", "--batch-size", "32", "--width", "8", "--eval-samples", "200", "--log-every", "2"]
 
@@ -38,7 +38,7 @@ def test_vanilla_loss_saturates_where_ns_does_not():
 
 
 @pytest.mark.parametrize("d_cond", ["none", "concat", "projection"])
-@pytest.mark.parametrize("arch", ["conv", "mlp"])
+@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
 def test_discriminator_conditioning(d_cond, arch):
     torch.manual_seed(0)
     args = argparse.Namespace(arch=arch, image_size=28, width=8, d_cond=d_cond, d_dropout=0.0,
@@ -64,7 +64,7 @@ def test_generator_uses_the_label():
 
 
 def test_spectral_norm_placement():
-    base = dict(arch="conv", image_size=28, width=8, d_cond="projection", d_dropout=0.0, sn_iters=3,
+    base = dict(arch="dcgan", image_size=28, width=8, d_cond="projection", d_dropout=0.0, sn_iters=3,
                 latent_dim=16, g_cond="embed")
     for where, in_g, in_d in (("none", False, False), ("d", False, True), ("g", True, False), ("both", True, True)):
         args = argparse.Namespace(spectral_norm=where, **base)
@@ -99,7 +99,8 @@ def test_cgan_trains(d_cond, loss, tmp_path, data_root):
 
 def test_cgan_spectral_norm_mlp_embed_run(tmp_path, data_root):
     out = tmp_path / "run"
-    code, _ = run_script(cgan, FAST + ["--arch", "mlp", "--g-cond", "embed", "--spectral-norm", "both", "--sn-iters", "2",
+    mlp = without(FAST, "--width")  # the MLP has no width
+    code, _ = run_script(cgan, mlp + ["--arch", "mlp", "--g-cond", "embed", "--spectral-norm", "both", "--sn-iters", "2",
                                        "--n-dis", "2", "--d-dropout", "0.3", "--max-steps", "3", "--out", out,
                                        "--data-root", data_root])
     assert code == 0
