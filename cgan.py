@@ -260,8 +260,8 @@ def train(args):
     K = data.num_classes
     if K < 2:
         raise common.UsageError(f"{args.dataset} has no class labels; a conditional GAN needs them (use dcgan.py)")
-    G = build_generator(args, data.channels, K).to(device)
-    D = build_discriminator(args, data.channels, K).to(device)
+    G = build_generator(args, data.channels, K).to(device, memory_format=run.memory_format)
+    D = build_discriminator(args, data.channels, K).to(device, memory_format=run.memory_format)
     opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2), fused=run.fused)
     opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2), fused=run.fused)
     batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # with --resume: their saved states

@@ -195,8 +195,8 @@ def train(args):
     if args.arch == "dcgan":
         common.conv_plan(args.image_size)  # a size the stack cannot make fails before the data is loaded
     data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
-    G = build_generator(args, data.channels).to(device)
-    D = build_discriminator(args, data.channels).to(device)
+    G = build_generator(args, data.channels).to(device, memory_format=run.memory_format)
+    D = build_discriminator(args, data.channels).to(device, memory_format=run.memory_format)
     opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2), fused=run.fused)
     opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2), fused=run.fused)
     batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # with --resume: their saved states

@@ -214,8 +214,8 @@ def train(args):
     args, device = run.args, run.device
     build_generator(args, 1)  # an impossible size fails here, before the data is loaded
     data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
-    G = build_generator(args, data.channels).to(device)
-    D = build_critic(args, data.channels).to(device)
+    G = build_generator(args, data.channels).to(device, memory_format=run.memory_format)
+    D = build_critic(args, data.channels).to(device, memory_format=run.memory_format)
     clip_weights(D, args.clip)  # start inside the constraint set
     opt_g = make_optimizer(args, G.parameters(), args.lr_g, run.fused)
     opt_d = make_optimizer(args, D.parameters(), args.lr_d, run.fused)

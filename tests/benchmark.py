@@ -1,13 +1,17 @@
-"""Training speed of dcgan.py's step against this machine's fp32 matmul rate (not collected by pytest).
+"""Training speed of every script's step against this machine's matmul rates (not collected by pytest).
 
-    python tests/benchmark.py              # 28 px and 64 px, current device
-    python tests/benchmark.py --steps 100
+    python tests/benchmark.py                  # every script, float32 and (where native) bf16
+    python tests/benchmark.py --steps 100 --scripts dcgan wgan_gp
 
-Images/s come from dcgan.py's own training loop (its metrics.jsonl, data batching included) on
-the generated `fake` data; FLOPs per step are counted with torch.utils.flop_counter on one D
-step plus one G step of the same networks and losses.
+Images/s come from each script's own training loop (its metrics.jsonl, data batching included)
+on the generated `fake` data, at the script's default width and batch size (WGAN-clip without
+its critic warm-up). FLOPs per iteration (n_dis D steps + n_gen G steps) are counted by
+torch.utils.flop_counter on the script's own loop: the count of a run of k + 1 iterations
+minus that of a run of k, so everything outside the loop cancels. The share is given against
+the float32 and the bfloat16 matmul rate of the machine (2048 x 2048).
 """
 import argparse
+import importlib
 import json
 import sys
 import tempfile
@@ -19,11 +23,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
-import dcgan  # noqa: E402
+
+# (script, extra flags): each script's default network at 28 px, and DCGAN's 64 px stack
+CASES = [("dcgan", []), ("dcgan", ["--image-size", "64"]), ("cgan", []), ("wgan_gp", []),
+         ("wgan_clip", ["--warmup-critic", "off"])]
 
 
-def matmul_rate(device, n=2048, reps=10):
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def matmul_rate(device, dtype, n=2048, reps=10):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     if device.type == "cuda":
@@ -36,42 +43,68 @@ def matmul_rate(device, n=2048, reps=10):
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def step_flops(size, width, batch, channels=1, latent=100):
-    """FLOPs of one training iteration (1 D step + 1 G step), as dcgan.py runs it."""
-    G, D = dcgan.Generator(latent, channels, size, width), dcgan.Discriminator(channels, size, width)
-    real = torch.randn(batch, channels, size, size)
-    with FlopCounterMode(display=False) as counter:
-        fake = G(torch.randn(batch, latent)).detach()
-        dcgan.d_loss(D(real), D(fake)).backward()
-        D.requires_grad_(False)
-        dcgan.g_loss(D(G(torch.randn(batch, latent)))).backward()
-    return counter.get_total_flops()
+def run(module, argv, tmp):
+    out = Path(tempfile.mkdtemp(dir=tmp))
+    module.main(argv + ["--out", str(out)])
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+class GlobalOnly:
+    """Stands in for FlopCounterMode's per-module tracker, whose backward hooks break torch.autograd.grad
+    (the gradient penalty); we need only the global count."""
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def flops_per_iteration(module, argv, tmp):
+    run(module, argv + ["--max-steps", "1", "--eval-samples", "10"], tmp)  # trains the classifier outside the count
+    counts = []
+    for steps in (1, 2):
+        counter = FlopCounterMode(display=False)
+        counter.mod_tracker = GlobalOnly()
+        with counter:
+            run(module, argv + ["--max-steps", str(steps), "--eval-samples", "10", "--no-amp"], tmp)
+        counts.append(counter.get_total_flops())
+    return counts[1] - counts[0]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=60, help="timed steps per size (after 10 warm-up steps)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=40, help="timed iterations per case (after 10 warm-up iterations)")
+    p.add_argument("--scripts", nargs="*", default=None, help="only these scripts")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     device = common.pick_device(args.device)
-    peak = matmul_rate(device)
-    print(f"device {device}, {torch.get_num_threads()} threads; fp32 matmul (2048^2): {peak / 1e9:.1f} GFLOP/s")
-    data_root = tempfile.mkdtemp()  # the fake data's evaluation classifier is trained once, here
-    for size in (28, 64):
-        flops = step_flops(size, 64, args.batch_size)
-        with tempfile.TemporaryDirectory() as tmp:
-            dcgan.main(["--dataset", "fake", "--image-size", str(size), "--batch-size", str(args.batch_size),
-                        "--max-steps", str(args.steps + 10), "--log-every", "10", "--sample-every", "100000",
-                        "--eval-every", "0", "--eval-samples", "100", "--device", str(device),
-                        "--out", tmp, "--data-root", data_root])
-            rows = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")]
-        ips = [r["images_per_s"] for r in rows if "images_per_s" in r][1:]  # drop the warm-up window
-        rate = sum(ips) / len(ips)
-        achieved = flops / args.batch_size * rate
-        print(f"{size} px (1 channel, width 64, batch {args.batch_size}): {rate:.0f} images/s, "
-              f"{flops / args.batch_size / 1e6:.0f} MFLOP per image per step, {achieved / 1e9:.1f} GFLOP/s "
-              f"= {100 * achieved / peak:.0f}% of matmul")
+    fp32, bf16 = matmul_rate(device, torch.float32), matmul_rate(device, torch.bfloat16)
+    native = common.precision(device)[1]
+    print(f"device {device}, {torch.get_num_threads()} threads; matmul 2048^2: fp32 {fp32 / 1e9:.0f} GFLOP/s, "
+          f"bf16 {bf16 / 1e9:.0f} GFLOP/s; default precision here: {native}")
+    print("| script | flags | precision | images/s | GFLOP per iteration | GFLOP/s | % of fp32 matmul | % of bf16 matmul |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_root = str(Path(tmp) / "data")  # the fake data's evaluation classifier is trained once, here
+        for script, extra in CASES:
+            if args.scripts and script not in args.scripts:
+                continue
+            module = importlib.import_module(script)
+            base = ["--dataset", "fake", "--device", str(device), "--data-root", data_root, "--log-every", "10",
+                    "--sample-every", "100000", "--eval-every", "0", *extra]
+            flops = flops_per_iteration(module, base, tmp)
+            for amp in ([] if common.precision(device)[0] is None else [[]]) + [["--no-amp"]]:
+                rows = run(module, base + amp + ["--max-steps", str(args.steps + 10), "--eval-samples", "100"], tmp)
+                train = [r for r in rows if "images_per_s" in r][1:]  # drop the warm-up window
+                ips = sum(r["images_per_s"] for r in train) / len(train)
+                saved = vars(module.parse_args(base))
+                per_iter = saved["batch_size"] * saved["n_dis"]  # real images per iteration
+                rate = flops * ips / per_iter
+                name = "float32" if amp else "bf16 autocast"
+                print(f"| {script} | {' '.join(extra) or '(defaults)'} | {name} | {ips:.0f} | {flops / 1e9:.2f} | "
+                      f"{rate / 1e9:.0f} | {100 * rate / fp32:.0f}% | {100 * rate / bf16:.0f}% |", flush=True)
 
 
 if __name__ == "__main__":
