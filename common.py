@@ -1282,11 +1282,13 @@ def interpolate(z0, z1, steps, mode="slerp"):
     t = torch.linspace(0, 1, steps, device=z0.device, dtype=z0.dtype).view(-1, *([1] * z0.dim()))
     if mode == "linear":
         return (1 - t) * z0 + t * z1
-    a, b = z0.flatten(), z1.flatten()
-    omega = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))
-    if torch.sin(omega).abs() < 1e-4:
+    # The angle in float64 on the CPU (MPS has no float64): in float32, arccos near -1 is off by ~3e-4, so z, -z
+    # would not be caught as antiparallel and the division by sin(omega) would amplify float noise.
+    a, b = z0.detach().flatten().cpu().double(), z1.detach().flatten().cpu().double()
+    omega = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1)).item()
+    if abs(math.sin(omega)) < 1e-4:
         return (1 - t) * z0 + t * z1
-    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / torch.sin(omega)
+    return (torch.sin((1 - t) * omega) * z0 + torch.sin(t * omega) * z1) / math.sin(omega)
 
 
 def write_generated(out_dir, images, labels=None):

@@ -35,3 +35,43 @@ def without(argv, *flags):
         else:
             out.append(a)
     return out
+
+
+def assert_same_training_state(a, b):
+    """Two checkpoints hold the same training state: G, D, both optimisers' per-parameter state (Adam's step,
+    exp_avg and exp_avg_sq; RMSProp's square_avg) and hyperparameters, the data position, the CPU RNG stream
+    and the sample grid's noise. A resume that restores the weights but not, say, opt_d passes a weights-only
+    check for a step or two and fails this one."""
+    import torch
+
+    assert (a["step"], a["position"]) == (b["step"], b["position"])
+    for net in ("G", "D"):
+        assert a[net].keys() == b[net].keys()
+        for k, v in a[net].items():
+            assert torch.equal(v, b[net][k]), f"{net}.{k} differs"
+    for opt in ("opt_g", "opt_d"):
+        sa, sb = a[opt]["state"], b[opt]["state"]
+        assert sa and sa.keys() == sb.keys(), opt
+        for i, entry in sa.items():
+            assert entry.keys() == sb[i].keys()
+            for k, v in entry.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(sb[i][k])), f"{opt} state[{i}].{k} differs"
+        assert a[opt]["param_groups"] == b[opt]["param_groups"], opt
+    assert torch.equal(a["rng"]["cpu"], b["rng"]["cpu"]), "CPU random stream differs"
+    assert torch.equal(a["fixed_z"], b["fixed_z"])
+
+
+RESUME_KEPT = ("eval_samples", "log_every", "sample_every", "eval_every")
+
+
+def check_bare_resume_kept_logging_flags(module, run_dir, before):
+    """After a bare `--resume run_dir/checkpoint.pt --max-steps N`, run_dir/args.json still has the checkpoint's
+    logging flags (`before`: the args.json of the first run), not the parser's defaults. Every one of them must
+    differ from its default, or the check could not fail."""
+    import json
+
+    after = json.loads((Path(run_dir) / "args.json").read_text())
+    defaults = vars(module.parse_args([]))
+    for k in RESUME_KEPT:
+        assert before[k] != defaults[k], f"{k}: use a non-default value, or this check cannot fail"
+        assert after[k] == before[k], f"a bare --resume replaced {k}={before[k]} by {after[k]}"

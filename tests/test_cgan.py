@@ -1,5 +1,6 @@
 """cgan.py: losses against their formulas, conditioning, and real training runs on the fake data."""
 import argparse
+import json
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch.nn as nn
 
 import cgan
 import common
-from conftest import run_script, without
+from conftest import assert_same_training_state, check_bare_resume_kept_logging_flags, run_script, without
 
 FAST = ["--dataset", "fake", "--batch-size", "32", "--width", "8", "--eval-samples", "200", "--log-every", "2"]
 
@@ -63,18 +64,28 @@ def test_generator_uses_the_label():
             assert not torch.allclose(G(z, torch.tensor([0, 0])), G(z, torch.tensor([3, 3])))
 
 
-def test_spectral_norm_placement():
-    base = dict(arch="dcgan", image_size=28, width=8, d_cond="projection", d_dropout=0.0, sn_iters=3,
+WEIGHT_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+def test_spectral_norm_placement(arch):
+    """Every conv/linear/embedding weight of a normalised net is spectrally normalised, and none of the other net's.
+    Catches add_spectral_norm missing a layer type (e.g. the projection embedding or G's class embedding: an
+    any() check passes as soon as one layer is normalised) or normalising the wrong network."""
+    base = dict(arch=arch, image_size=28, width=8, d_cond="projection", d_dropout=0.0, sn_iters=3,
                 latent_dim=16, g_cond="embed")
     for where, in_g, in_d in (("none", False, False), ("d", False, True), ("g", True, False), ("both", True, True)):
         args = argparse.Namespace(spectral_norm=where, **base)
         G, D = cgan.build_generator(args, 1, 10), cgan.build_discriminator(args, 1, 10)
-        has = lambda net: any(nn.utils.parametrize.is_parametrized(m) for m in net.modules())
-        assert has(G) == in_g and has(D) == in_d
-        if in_d:  # every weight layer normalised, BatchNorm dropped, power iterations as asked
-            assert not any(isinstance(m, nn.BatchNorm2d) for m in D.modules())
-            sn = D.psi.parametrizations.weight[0]
-            assert sn.n_power_iterations == 3
+        for net, wanted in ((G, in_g), (D, in_d)):
+            layers = [m for m in net.modules() if isinstance(m, WEIGHT_LAYERS)]
+            assert any(isinstance(m, nn.Embedding) for m in layers)  # G's class embedding, D's projection
+            normalised = [nn.utils.parametrize.is_parametrized(m, "weight") for m in layers]
+            assert normalised == [wanted] * len(layers), (where, type(net).__name__, normalised)
+            if wanted:  # power iterations as asked, in every layer
+                assert all(m.parametrizations.weight[0].n_power_iterations == 3 for m in layers)
+        if in_d:  # a spectrally normalised D drops its BatchNorm
+            assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in D.modules())
 
 
 @pytest.mark.parametrize("d_cond, loss", [("none", "vanilla"), ("concat", "ns"), ("projection", "ns"),
@@ -110,12 +121,17 @@ def test_cgan_spectral_norm_mlp_embed_run(tmp_path, data_root):
 
 
 def test_cgan_resume_and_balanced_generate(tmp_path, data_root):
-    args = FAST + ["--sample-every", "2", "--data-root", data_root, "--eval-samples", "100", "--d-cond", "projection"]
+    """Resume ends in the uninterrupted run's state (G, D, both optimisers, position, RNG), keeps the logging flags;
+    --generate writes balanced labels."""
+    args = FAST + ["--sample-every", "2", "--data-root", data_root, "--eval-samples", "100", "--d-cond", "projection",
+                   "--eval-every", "3"]
     assert run_script(cgan, args + ["--max-steps", "4", "--out", tmp_path / "full"])[0] == 0
     assert run_script(cgan, args + ["--max-steps", "2", "--out", tmp_path / "part"])[0] == 0
+    first = json.loads((tmp_path / "part" / "args.json").read_text())
     assert run_script(cgan, ["--resume", tmp_path / "part" / "checkpoint.pt", "--max-steps", "4"])[0] == 0
     full, part = (common.load_checkpoint(tmp_path / r / "checkpoint.pt", "cgan") for r in ("full", "part"))
-    assert all(torch.equal(v, part["G"][k]) for k, v in full["G"].items())
+    assert_same_training_state(full, part)
+    check_bare_resume_kept_logging_flags(cgan, tmp_path / "part", first)
     assert run_script(cgan, ["--generate", "25", "--checkpoint", tmp_path / "full" / "checkpoint.pt",
                              "--data-root", tmp_path / "empty", "--out", tmp_path / "gen"])[0] == 0
     arrays = np.load(tmp_path / "gen" / "generated.npz")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import common
 import dcgan
-from conftest import ROOT, run_script, without
+from conftest import ROOT, assert_same_training_state, check_bare_resume_kept_logging_flags, run_script, without
 
 FAST = ["--dataset", "fake", "--batch-size", "32", "--width", "16", "--eval-samples", "500", "--log-every", "2"]
 
@@ -93,17 +93,30 @@ def test_training_really_happens(arch, tmp_path, data_root):
     assert all(moved)
 
 
-def test_resume_is_exact(tmp_path, data_root):
-    common_args = FAST + ["--sample-every", "3", "--data-root", data_root, "--eval-samples", "100"]
+def test_resume_is_exact(tmp_path, data_root, capsys):
+    """A run stopped at step 3 and resumed to 6 ends in the state of an uninterrupted 6-step run: G, D, both
+    optimisers (exp_avg etc.), data position, RNG. A bare --resume keeps the checkpoint's logging flags; a typed
+    one overrides; a typed model flag is refused in one line."""
+    common_args = FAST + ["--width", "8", "--sample-every", "3", "--data-root", data_root, "--eval-samples", "100",
+                          "--eval-every", "5"]
     assert run_script(dcgan, common_args + ["--max-steps", "6", "--out", tmp_path / "full"])[0] == 0
     assert run_script(dcgan, common_args + ["--max-steps", "3", "--out", tmp_path / "part"])[0] == 0
-    assert run_script(dcgan, ["--resume", tmp_path / "part" / "checkpoint.pt", "--max-steps", "6"])[0] == 0
+    ckpt = tmp_path / "part" / "checkpoint.pt"
+    first = json.loads((tmp_path / "part" / "args.json").read_text())
+    # Only typed RESUMABLE flags override (catches a merge that takes every RESUMABLE flag's parser default).
+    typed, _ = common.resume(dcgan.parse_args(["--resume", str(ckpt), "--log-every", "3"]), "dcgan")
+    assert typed.log_every == 3 and typed.eval_samples == 100 and typed.sample_every == 3 and typed.eval_every == 5
+    assert typed.width == 8 and typed.out == str(tmp_path / "part")
+    # A model flag cannot change on resume: one line, exit 2, nothing run.
+    capsys.readouterr()
+    code, err = run_script(dcgan, ["--resume", ckpt, "--max-steps", "6", "--lr-g", "1e-3"], capsys)
+    assert code == 2 and "--lr-g" in err and "Traceback" not in err and err.strip().count("\n") == 0
+    assert run_script(dcgan, ["--resume", ckpt, "--max-steps", "6"])[0] == 0
     full = common.load_checkpoint(tmp_path / "full" / "checkpoint.pt", "dcgan")
-    part = common.load_checkpoint(tmp_path / "part" / "checkpoint.pt", "dcgan")
+    part = common.load_checkpoint(ckpt, "dcgan")
     assert part["step"] == 6
-    for net in ("G", "D"):
-        for k, v in full[net].items():
-            assert torch.equal(v, part[net][k]), f"{net}.{k} differs after resume"
+    assert_same_training_state(full, part)
+    check_bare_resume_kept_logging_flags(dcgan, tmp_path / "part", first)
 
 
 def test_generate_needs_no_dataset(tmp_path, data_root, capsys):

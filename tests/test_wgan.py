@@ -1,5 +1,6 @@
 """wgan_gp.py and wgan_clip.py: the penalty and the clipping against closed forms, and real training runs."""
 import argparse
+import json
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch.nn as nn
 import common
 import wgan_clip
 import wgan_gp
-from conftest import run_script, without
+from conftest import assert_same_training_state, check_bare_resume_kept_logging_flags, run_script, without
 
 FAST = ["--dataset", "fake", "--batch-size", "16", "--width", "8", "--eval-samples", "200", "--log-every", "2"]
 
@@ -133,13 +134,16 @@ def test_wgan_resume_is_exact_and_generate_works(module, tmp_path, data_root):
     args = FAST + ["--sample-every", "2", "--data-root", data_root, "--eval-samples", "100", "--warmup-critic", "off"]
     if module is wgan_gp:
         args = [a for a in args if a not in ("--warmup-critic", "off")]
+    args += ["--eval-every", "3"]
     assert run_script(module, args + ["--max-steps", "4", "--out", tmp_path / "full"])[0] == 0
     assert run_script(module, args + ["--max-steps", "2", "--out", tmp_path / "part"])[0] == 0
+    first = json.loads((tmp_path / "part" / "args.json").read_text())
     assert run_script(module, ["--resume", tmp_path / "part" / "checkpoint.pt", "--max-steps", "4"])[0] == 0
     full, part = (common.load_checkpoint(tmp_path / r / "checkpoint.pt", module.SCRIPT) for r in ("full", "part"))
     assert part["step"] == 4
-    assert all(torch.equal(v, part["G"][k]) for k, v in full["G"].items())
-    assert all(torch.equal(v, part["D"][k]) for k, v in full["D"].items())
+    # G, D, both optimisers (Adam's exp_avg / RMSProp's square_avg), position, RNG: as if never interrupted
+    assert_same_training_state(full, part)
+    check_bare_resume_kept_logging_flags(module, tmp_path / "part", first)
     assert run_script(module, ["--generate", "10", "--checkpoint", tmp_path / "full" / "checkpoint.pt",
                                "--data-root", tmp_path / "empty", "--out", tmp_path / "gen"])[0] == 0
     images = np.load(tmp_path / "gen" / "generated.npz")["images"]

@@ -1,0 +1,449 @@
+"""Review tests: the mathematics' harder cases, samplers, devices, the run schedule's corners, --out and resume
+hygiene, and short runs that check that each script learns in the right direction.
+
+Each test's docstring names the plausible bug it catches.
+"""
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cgan
+import common
+import dcgan
+import wgan_clip
+import wgan_gp
+from conftest import run_script
+
+TINY = ["--dataset", "fake", "--batch-size", "32", "--width", "8", "--eval-samples", "100", "--sample-every", "1000"]
+
+
+def run(module, argv, capsys):
+    """module.main(argv) with argv passed as given (Path objects too); returns (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = 0
+    try:
+        module.main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def steps(rows, key):
+    return [r["step"] for r in rows if key in r]
+
+
+def grids(out):
+    return sorted(int(p.stem[5:]) for p in (Path(out) / "samples").glob("step_*.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-2. FID and IS: the cases that tell a right formula from a plausible wrong one
+# ----------------------------------------------------------------------------------------------
+
+def _sqrtm_sym(s):
+    w, v = np.linalg.eigh(s)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def test_fid_with_covariances_that_do_not_commute():
+    """tr (S1 S2)^(1/2) = sum sqrt(eig(S1 S2)) (real, >= 0: S1 S2 is similar to S1^(1/2) S2 S1^(1/2)). Catches the
+    classic tr(sqrtm(S1) sqrtm(S2)), equal to it only when S1 and S2 commute, i.e. in every closed form of
+    test_math (diagonal covariances, a scaled copy)."""
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(5, 5)), rng.normal(size=(5, 5))
+    s1, s2 = a @ a.T + 0.1 * np.eye(5), b @ b.T + 0.1 * np.eye(5)
+    assert not np.allclose(s1 @ s2, s2 @ s1)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    eig = np.linalg.eigvals(s1 @ s2)
+    assert np.abs(eig.imag).max() < 1e-8 and eig.real.min() > 0
+    base = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+    expected = base - 2 * np.sqrt(eig.real).sum()
+    assert common.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert common.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-9)  # symmetric
+    wrong = base - 2 * np.trace(_sqrtm_sym(s1) @ _sqrtm_sym(s2))
+    assert abs(wrong - expected) > 0.1 * expected  # the case really separates the two formulas
+
+
+def test_inception_score_is_the_exp_of_the_mean_kl():
+    """Half confident (one-hot, every class equally often), half uniform predictions: p(y) is uniform, the KLs are
+    log 10 and 0, so IS = exp(log(10) / 2) = sqrt(10). Catches mean(exp(KL)) = (10 + 1) / 2 = 5.5, and a KL
+    taken against the wrong marginal."""
+    probs = torch.cat([torch.eye(10).repeat(10, 1), torch.full((100, 10), 0.1)])
+    mean, std = common.inception_score(probs, splits=1)
+    assert mean == pytest.approx(math.sqrt(10), rel=1e-9) and std == 0.0
+    assert abs(mean - 5.5) > 1
+
+
+def test_inception_score_uses_exactly_the_splits_asked_for():
+    """15 one-hot predictions of 15 different classes: a split of m of them scores exactly m. Ten splits of sizes
+    2,2,2,2,2,1,1,1,1,1 give mean 1.5 and (population, as numpy's std in Salimans et al.'s code) std 0.5.
+    Catches chunk() (8 splits of 2,...,2,1: mean 1.875), floor(N / splits)-sized splits that drop samples
+    (mean 1), and the unbiased std (0.527)."""
+    mean, std = common.inception_score(torch.eye(15), splits=10, generator=torch.Generator().manual_seed(0))
+    assert mean == pytest.approx(1.5, rel=1e-12) and std == pytest.approx(0.5, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Learning direction: short real runs of every script on the fake data
+# ----------------------------------------------------------------------------------------------
+#
+# Measured 2026-11-24 on this 2-core CPU, seeds 0-5 (tests use seed 0), --batch-size 32 --width 8, with the
+# flags of LEARN below; "pix" = |mean sample image - mean data image| / the same for the untrained G (same seed):
+#
+#   script     correct code                          D loss args swapped          G loss sign flipped
+#   dcgan      d_real-d_fake 0.44..0.85, acc_real 1  d_real-d_fake ~ -9, acc 0   pix 1.16..1.32
+#              pix 0.64..0.74, cls_fid/untrained 0.82..0.90                        cls_fid/untrained 3.3..4.5
+#   cgan       d_real-d_fake 4.9..5.5, acc 1 / 1     ~ -7.5, acc 0 / 0            pix 1.14..1.23
+#              pix 0.67..0.76
+#   wgan_gp    d_real-d_fake 3.7..9.2 (= w_estimate) -16..-19 (w_estimate > 0!)  pix 1.21..1.42
+#              pix 0.30..0.51, cls_fid/untrained 0.76..0.89                        cls_fid/untrained 6..10
+#   wgan_clip  d_real-d_fake 0.020..0.022            -0.07..-0.11                 pix 1.43..1.49
+#              pix 0.49..0.55
+#
+# So the thresholds: d_real > d_fake; pix < 0.9 (worst correct run 0.76, best broken one 1.14). cls_fid only where it
+# fell in every seed (dcgan, wgan_gp: below the untrained G's); in 60 steps it did not fall for cgan (ratio
+# 0.83..0.92, but a broken G reached 0.77) or wgan_clip (1.00..1.05), so there the mean image is the G signal
+# (the slow test_learning.py checks FID over 1000 steps). dcgan's acc_fake is ~0 at --lr-g 8e-4 (G fools D
+# by the end), so only acc_real is asserted for it. The raised G learning rates (dcgan 8e-4, wgan_gp 4e-4,
+# wgan_clip 2e-4) let G move measurably in 60-120 steps; at the defaults the margins were 2-5x smaller.
+# The WGANs' logged w_estimate is computed from the loss, so a swapped critic loss still logs a positive
+# "estimate": the critic's direction is checked on d_real and d_fake, and w_estimate against their difference.
+
+LEARN_BASE = ["--dataset", "fake", "--batch-size", "32", "--width", "8", "--eval-samples", "100", "--seed", "0",
+              "--sample-every", "100000", "--eval-every", "0", "--log-every", "20"]
+LEARN = {
+    "dcgan": (dcgan, ["--max-steps", "60", "--lr-g", "8e-4"]),
+    "cgan": (cgan, ["--max-steps", "60"]),
+    "wgan_gp": (wgan_gp, ["--max-steps", "120", "--n-dis", "2", "--lr-g", "4e-4"]),
+    "wgan_clip": (wgan_clip, ["--max-steps", "60", "--lr-g", "2e-4", "--warmup-critic", "off"]),
+}
+
+
+def _generator(module, args):
+    return cgan.build_generator(args, 1, 10) if module is cgan else module.build_generator(args, 1)
+
+
+def _sampler(module, G):
+    if module is cgan:
+        return lambda z: cgan.sample_images(G, z, common.balanced_labels(len(z), 10, z.device))
+    return lambda z: module.sample_images(G, z)
+
+
+def learning_run(name, out, data_root):
+    """Train `name` briefly; return the last training row, final and untrained cls_fid, and the distance of the
+    final and the untrained G's mean image to the data's."""
+    module, extra = LEARN[name]
+    code, _ = run_script(module, LEARN_BASE + extra + ["--out", out, "--data-root", data_root])
+    assert code == 0
+    rows = common.read_metrics(out / "metrics.jsonl")
+    state = common.load_checkpoint(out / "checkpoint.pt", module.SCRIPT)
+    args = argparse.Namespace(**state["args"])
+    G = _generator(module, args)
+    G.load_state_dict(state["G"])
+    torch.manual_seed(args.seed)  # an untrained G like the run's first (its exact draw does not matter much:
+    G0 = _generator(module, args)  # untrained G's mean images were 24.3..25.1 from the data's in every seed)
+    data = common.load_dataset("fake")
+    target = common.to_float(data.images).mean(0)
+    z = torch.randn(256, args.latent_dim, generator=torch.Generator().manual_seed(123))
+    pix, pix0 = ((_sampler(module, g)(z).mean(0) - target).norm().item() for g in (G, G0))
+    evaluator = common.Evaluator(data, data_root, "cpu", args.eval_samples, args.seed)
+
+    def sample0(n, gen):
+        zz = torch.randn(n, args.latent_dim, generator=gen)
+        y = common.balanced_labels(n, 10, "cpu") if module is cgan else None
+        return _sampler(module, G0)(zz), y
+    return {"last": [r for r in rows if "loss_d" in r][-1], "fid": [r for r in rows if "cls_fid" in r][-1]["cls_fid"],
+            "fid0": evaluator(sample0)["cls_fid"], "pix": pix, "pix0": pix0}
+
+
+def direction_checks(name, m):
+    """(what, holds) for each check of a learning run `m` (see the table above)."""
+    last = m["last"]
+    checks = {"D scores real above fake": last["d_real"] > last["d_fake"],
+              "G's mean image moved toward the data's": m["pix"] < 0.9 * m["pix0"]}
+    if name in ("dcgan", "cgan"):
+        checks["D calls real images real"] = last["acc_real"] > 0.5
+    if name == "cgan":
+        checks["D calls fakes fake"] = last["acc_fake"] > 0.5
+    if name in ("wgan_gp", "wgan_clip"):
+        checks["critic's estimate is positive"] = last["w_estimate"] > 0
+        checks["w_estimate = d_real - d_fake"] = math.isclose(last["w_estimate"], last["d_real"] - last["d_fake"],
+                                                              rel_tol=1e-3, abs_tol=1e-5)
+    if name in ("dcgan", "wgan_gp"):
+        checks["cls_fid below the untrained G's"] = m["fid"] < m["fid0"]
+    return checks
+
+
+@pytest.mark.parametrize("name", list(LEARN))
+def test_learning_direction(name, tmp_path, data_root):
+    """After 60-120 steps D (the critic) scores real images above fakes and G's samples have moved toward the data.
+    Catches a D loss with its arguments swapped, a G loss with the wrong sign (test_learning_direction_catches_
+    broken_losses shows both fail here), and wiring errors such as stepping the wrong optimiser or a G step
+    that never reaches G."""
+    m = learning_run(name, tmp_path / name, data_root)
+    failed = [what for what, ok in direction_checks(name, m).items() if not ok]
+    assert not failed, (failed, m)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("broken", ["d_swapped", "g_flipped"])
+@pytest.mark.parametrize("name", list(LEARN))
+def test_learning_direction_catches_broken_losses(name, broken, tmp_path, data_root, monkeypatch):
+    """The checks of test_learning_direction fail on broken copies: D's loss with real and fake swapped fails
+    'D scores real above fake'; G's loss with its sign flipped fails the mean-image check."""
+    module = LEARN[name][0]
+    if broken == "d_swapped":
+        attr = "d_loss" if hasattr(module, "d_loss") else "critic_loss"
+        orig = getattr(module, attr)
+        monkeypatch.setattr(module, attr, lambda real, fake: orig(fake, real))
+        must_fail = "D scores real above fake"
+    else:
+        attr = "g_loss" if hasattr(module, "g_loss") else "generator_loss"
+        orig = getattr(module, attr)
+        monkeypatch.setattr(module, attr, lambda *a: -orig(*a))
+        must_fail = "G's mean image moved toward the data's"
+    m = learning_run(name, tmp_path / name, data_root)
+    assert not direction_checks(name, m)[must_fail], m
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Sampling mode
+# ----------------------------------------------------------------------------------------------
+
+SAMPLERS = {
+    "dcgan": lambda: (dcgan.Generator(16, 1, 28, width=8), dcgan.sample_images),
+    "dcgan-mlp": lambda: (dcgan.MLPGenerator(16, 1, 28), dcgan.sample_images),
+    "cgan": lambda: (cgan.Generator(16, 1, 28, 10, width=8),
+                     lambda G, z: cgan.sample_images(G, z, torch.arange(len(z)) % 10)),
+    "cgan-mlp": lambda: (cgan.MLPGenerator(16, 1, 28, 10, g_cond="embed"),
+                         lambda G, z: cgan.sample_images(G, z, torch.arange(len(z)) % 10)),
+    "wgan_gp": lambda: (wgan_gp.Generator(16, 1, 28, width=8), wgan_gp.sample_images),
+    "wgan_gp-resnet": lambda: (wgan_gp.ResNetGenerator(16, 1, 32, width=8), wgan_gp.sample_images),
+    "wgan_clip": lambda: (wgan_clip.Generator(16, 1, 28, width=8), wgan_clip.sample_images),
+}
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_samplers_use_eval_mode_and_restore_train_mode(name):
+    """sample_images draws with BatchNorm's running statistics: a sample does not depend on the others in its batch
+    (G(z[:1]) is the first row of G(z)), the running statistics are not updated, no graph is recorded, and G is
+    back in train mode afterwards. Catches sampling in train mode (batch statistics; under no_grad it even
+    updates the running statistics), and a sampler that leaves G in eval mode for the next training step."""
+    torch.manual_seed(0)
+    G, sample = SAMPLERS[name]()
+    z = torch.randn(6, 16)
+    conditional = name.startswith("cgan")
+    forward = (lambda zz: G(zz, torch.arange(len(zz)) % 10)) if conditional else G
+    forward(torch.randn(8, 16))  # one training-mode forward: running statistics away from their initial (0, 1)
+    # The check can fail: in train mode a sample depends on its batch.
+    with torch.no_grad():
+        assert not torch.allclose(forward(z)[:2], forward(z[:2]), atol=1e-4)
+    buffers = {k: v.clone() for k, v in G.named_buffers()}
+    batch, one = sample(G, z), sample(G, z[:1])
+    assert torch.allclose(batch[:1], one, atol=1e-5)
+    assert all(torch.equal(v, buffers[k]) for k, v in G.named_buffers())
+    assert not batch.requires_grad
+    assert G.training and all(m.training for m in G.modules())
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. The run's schedule: time limit, epochs, in-loop evaluation, --n-gen, the last log rows
+# ----------------------------------------------------------------------------------------------
+
+def test_time_limit_stops_the_run_and_each_eval_step_is_evaluated_once(tmp_path, data_root, capsys):
+    """--max-minutes ends a run meant for 100000 steps: exit 0, the summary says 'time limit', the checkpoint holds
+    the last step. With --eval-every 1 every step is evaluated in the loop, exactly once: catches finish()
+    repeating the evaluation of a step just evaluated (the case a time limit creates: in-loop evaluation at
+    the last step), a limit that is never checked, and a checkpoint not written at the stop."""
+    out = tmp_path / "run"
+    code, stdout, _ = run(dcgan, TINY + ["--batch-size", "16", "--max-steps", "100000", "--max-minutes", "0.05",
+                                         "--eval-every", "1", "--log-every", "1", "--out", out,
+                                         "--data-root", data_root], capsys)
+    assert code == 0
+    state = common.load_checkpoint(out / "checkpoint.pt", "dcgan")
+    last = state["step"]
+    assert 0 < last < 1000 and "time limit" in stdout and f" at step {last} " in stdout
+    rows = common.read_metrics(out / "metrics.jsonl")
+    assert steps(rows, "loss_d") == list(range(1, last + 1))
+    assert steps(rows, "cls_fid") == list(range(1, last + 1))
+
+
+def test_epoch_cap_n_gen_log_tail_eval_fields_and_path_argv(tmp_path, data_root, capsys):
+    """One 5-step run, several schedule corners:
+    --epochs 1 of 1024 images at batch 100 is 10 batches; with --n-dis 2 that is 5 G steps (catches a cap that
+    ignores n_dis or counts G steps as batches); --n-gen 2 makes 2 Adam steps of G per step (catches a loop that
+    ignores it); --log-every 2 logs steps 2, 4 and the tail 5 (catches dropping the statistics after the last
+    multiple); the evaluation row says what produced it; --no-amp reaches the run; and pathlib.Path objects in
+    argv (a notebook's main([...])) give a JSON args.json and a loadable checkpoint (catches Paths leaking into
+    json.dumps or torch.save)."""
+    out = tmp_path / "run"
+    argv = ["--dataset", "fake", "--width", "8", "--eval-samples", "100", "--batch-size", "100", "--epochs", "1",
+            "--n-dis", "2", "--n-gen", "2", "--log-every", "2", "--no-amp", "--out", out, "--data-root", data_root]
+    code, stdout, _ = run(dcgan, argv, capsys)
+    assert code == 0 and "done (--epochs 1 reached) at step 5 (epoch 1," in stdout
+    state = common.load_checkpoint(out / "checkpoint.pt", "dcgan")
+    assert state["step"] == 5 and state["position"] == 10
+    assert all(s["step"] == 10 for s in state["opt_d"]["state"].values())
+    assert all(s["step"] == 10 for s in state["opt_g"]["state"].values())
+    assert state["args"]["out"] == str(out) and state["args"]["data_root"] == str(data_root)
+    rows = common.read_metrics(out / "metrics.jsonl")
+    assert steps(rows, "loss_d") == [2, 4, 5]
+    evals = [r for r in rows if "cls_fid" in r]
+    assert [r["step"] for r in evals] == [5]
+    assert "classifier" in evals[0]["eval_source"] and evals[0]["n_gen"] == 100 and evals[0]["n_real"] == 100
+    assert evals[0]["real_split"] == "train"
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["out"] == str(out) and saved["resolved"]["precision"] == "float32 (--no-amp)"
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. --out and metrics.jsonl hygiene
+# ----------------------------------------------------------------------------------------------
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def test_used_out_is_refused_untouched_and_overwrite_starts_a_clean_log(tmp_path, data_root, capsys):
+    """A fresh run into a used --out exits 2 in one line and changes no byte there (catches a check made after
+    args.json or metrics.jsonl were rewritten). With --overwrite the old run's rows and grids are gone (catches
+    appending to the old metrics.jsonl, or a progress.gif showing the old run's frames) and the user's own
+    files stay."""
+    out = tmp_path / "run"
+    base = TINY + ["--data-root", data_root, "--out", out]
+    assert run_script(dcgan, base + ["--max-steps", "4", "--log-every", "2", "--sample-every", "2"])[0] == 0
+    before = _snapshot(out)
+    code, _, err = run(dcgan, base + ["--max-steps", "3"], capsys)
+    assert code == 2 and "already holds a run" in err and err.strip().count("\n") == 0
+    assert _snapshot(out) == before
+    (out / "notes.txt").write_text("mine")
+    assert run_script(dcgan, base + ["--max-steps", "3", "--log-every", "1", "--overwrite"])[0] == 0
+    rows = common.read_metrics(out / "metrics.jsonl")
+    assert steps(rows, "loss_d") == [1, 2, 3] and steps(rows, "cls_fid") == [3]
+    assert grids(out) == [0, 3]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_drops_what_came_after_its_checkpoint(tmp_path, data_root):
+    """Resuming a checkpoint older than the log (as after a crash between a checkpoint and the next) drops the later
+    rows and sample grids: steps strictly increase, no grid beyond the run's end. Resuming into another, empty
+    --out takes the rows up to the checkpoint's step along. Catches appending to the old log (repeated steps),
+    stale grids in progress.gif, and a resumed run elsewhere whose plots start at the checkpoint."""
+    out = tmp_path / "run"
+    assert run_script(dcgan, TINY + ["--max-steps", "2", "--log-every", "1", "--sample-every", "2",
+                                     "--data-root", data_root, "--out", out])[0] == 0
+    shutil.copy(out / "checkpoint.pt", out / "step2.pt")
+    assert run_script(dcgan, ["--resume", out / "checkpoint.pt", "--max-steps", "4"])[0] == 0
+    rows = common.read_metrics(out / "metrics.jsonl")
+    assert steps(rows, "loss_d") == [1, 2, 3, 4] and steps(rows, "cls_fid") == [2, 4] and grids(out) == [0, 2, 4]
+    assert run_script(dcgan, ["--resume", out / "step2.pt", "--max-steps", "3"])[0] == 0  # behind the log now
+    rows = common.read_metrics(out / "metrics.jsonl")
+    assert steps(rows, "loss_d") == [1, 2, 3] and steps(rows, "cls_fid") == [2, 3]
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    assert grids(out) == [0, 2, 3]
+    other = tmp_path / "other"
+    assert run_script(dcgan, ["--resume", out / "step2.pt", "--max-steps", "3", "--out", other])[0] == 0
+    moved = common.read_metrics(other / "metrics.jsonl")
+    assert [r for r in moved if r["step"] <= 2] == [r for r in rows if r["step"] <= 2]
+    assert steps(moved, "loss_d") == [1, 2, 3] and steps(moved, "cls_fid") == [2, 3] and grids(other) == [3]
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Devices, precision and random streams (what a CPU can check)
+# ----------------------------------------------------------------------------------------------
+
+def test_batches_come_out_on_the_requested_device_dtype_and_layout():
+    """Batches of CPU data for another device (meta: no memory, any machine) come out there, as float32 in the
+    requested memory format, labels int64. Catches batches left on the data's device and a lost memory format."""
+    g = torch.Generator().manual_seed(0)  # 3 channels: with 1, NCHW-contiguous is channels_last-contiguous too
+    data = common.ImageData("rgb", torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=g),
+                            torch.arange(64) % 10, 10)
+    x, y = common.Batches(data, 16, seed=0, device="meta", memory_format=torch.channels_last).next()
+    assert x.device.type == "meta" and y.device.type == "meta"
+    assert x.dtype == torch.float32 and y.dtype == torch.int64 and x.shape == (16, 3, 8, 8)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    x, y = common.Batches(data, 16, seed=0).next()  # default: the data's device, plain layout, values in [-1, 1]
+    assert x.device.type == "cpu" and x.is_contiguous() and -1 <= x.min() and x.max() <= 1
+
+
+def test_data_home_decides_by_free_memory(monkeypatch):
+    """CUDA: the dataset goes to the GPU when under half of the free memory, else stays on the host; MPS: below 2**31
+    elements. Catches a comparison the wrong way round and total instead of free memory."""
+    images = torch.zeros(1, dtype=torch.uint8).expand(1000)  # 1000 bytes, no memory
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2002, 10**9))  # half: 1001 > 1000
+    assert common.data_home(images, "cuda").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1998, 10**9))
+    assert common.data_home(images, "cuda").type == "cpu"
+    assert common.data_home(torch.zeros(1, dtype=torch.uint8).expand(2**31), "mps").type == "cpu"
+    assert common.data_home(images, "mps").type == "mps"
+    assert common.data_home(images, "cpu").type == "cpu"
+
+
+def test_precision_decides_per_device(monkeypatch):
+    """bf16 autocast only where the hardware computes bf16: CUDA capability >= 8.0, a CPU with AMX or AVX512-BF16;
+    float32 on older GPUs (V100/T4 emulate bf16), plain CPUs, MPS and with --no-amp. Catches using
+    torch.cuda.is_bf16_supported() (True on a V100), an inverted CPU check, and --no-amp being ignored."""
+    caps = {}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: caps["cap"])
+    cuda = torch.device("cuda")
+    for cap, dtype in (((7, 0), None), ((7, 5), None), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        caps["cap"] = cap
+        assert common.precision(cuda)[0] is dtype, cap
+    assert common.precision(cuda, enabled=False) == (None, "float32 (--no-amp)")
+    monkeypatch.setattr(common, "cpu_bf16_units", lambda: [])
+    assert common.precision(torch.device("cpu"))[0] is None
+    monkeypatch.setattr(common, "cpu_bf16_units", lambda: ["AMX"])
+    dtype, why = common.precision(torch.device("cpu"))
+    assert dtype is torch.bfloat16 and "AMX" in why
+    assert common.precision(torch.device("cpu"), enabled=False)[0] is None
+    assert common.precision(torch.device("mps"))[0] is None
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    """rng_state()/set_rng_state() replay the CPU stream, also after a weights_only checkpoint round trip. Catches a
+    state that is not restored (or not restorable from a checkpoint: e.g. a torch.Generator object in it)."""
+    torch.manual_seed(3)
+    torch.rand(7)
+    common.save_checkpoint(tmp_path / "c.pt", {"script": "dcgan", "rng": common.rng_state()})
+    a = torch.rand(5)
+    common.set_rng_state(common.load_checkpoint(tmp_path / "c.pt", "dcgan")["rng"])
+    assert torch.equal(torch.rand(5), a)
+
+
+def test_evaluation_classifier_does_not_depend_on_the_callers_seed(tmp_path):
+    """Training the evaluation classifier leaves the caller's stream alone and gives the same network whatever the
+    caller's seed (it seeds itself, inside fork_rng). Catches a classifier, and so every cls_* metric, that
+    changes with --seed, and a classifier trained on the caller's stream."""
+    data = common.load_dataset("fake")
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        evaluator = common.Evaluator(data, tmp_path / f"root{seed}", "cpu", n_samples=50)  # an empty root: trains
+        assert torch.equal(before, torch.get_rng_state())
+        nets.append(evaluator.classifier.state_dict())
+    assert all(torch.equal(v, nets[1][k]) for k, v in nets[0].items())
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. interpolate's degenerate case (bad values: test_bad_input.py)
+# ----------------------------------------------------------------------------------------------
+
+def test_slerp_between_opposite_and_parallel_points_is_the_straight_line():
+    """z and -z (the great circle is undefined: sin(omega) = 0), z and itself, z and 2z: finite, the right end points,
+    and (as documented) the straight line. Catches dividing by sin(omega) without the fallback: NaN where
+    omega is exactly 0, and for z, -z float noise divided by sin(pi) ~ -9e-8 (points that are multiples of z,
+    but not the linear ones)."""
+    z = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    for end in (-z, z, 2 * z):
+        path = common.interpolate(z, end, 7, "slerp")
+        assert path.shape == (7, 64) and torch.isfinite(path).all()
+        assert torch.allclose(path[0], z, atol=1e-5) and torch.allclose(path[-1], end, atol=1e-5)
+        assert torch.allclose(path, common.interpolate(z, end, 7, "linear"), atol=1e-4)
