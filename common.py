@@ -18,6 +18,7 @@ Run `python common.py --dataset fashion-mnist` to train and cache the evaluation
 """
 
 import argparse
+import contextlib
 import gzip
 import json
 import math
@@ -75,6 +76,10 @@ class ArgumentParser(argparse.ArgumentParser):
         ns = super().parse_args(argv, namespace)
         flags = {tok.split("=", 1)[0] for tok in argv if tok.startswith("--")}
         ns._typed = {a.dest for a in self._actions if set(a.option_strings) & flags}
+        if getattr(ns, "checkpoint", None) and not getattr(ns, "generate", None):
+            self.error("--checkpoint is read only with --generate N (to continue training, use --resume PATH)")
+        if getattr(ns, "generate", None) and getattr(ns, "resume", None):
+            self.error("--generate and --resume exclude each other (--generate takes --checkpoint PATH)")
         return ns
 
 
@@ -158,8 +163,8 @@ def resume(args, script):
     if fixed:
         raise UsageError(f"--resume keeps the checkpoint's settings; {', '.join('--' + f.replace('_', '-') for f in fixed)} "
                          f"cannot change (allowed: length, device, output and logging flags)")
-    merged = dict(state["args"])
-    merged.update({k: getattr(args, k) for k in args._typed})
+    merged = {**flags(args), **state["args"]}  # parser defaults fill flags the checkpoint predates
+    merged.update({k: getattr(args, k) for k in args._typed | {"overwrite", "generate", "checkpoint"}})
     merged["resume"] = args.resume
     if "out" not in args._typed:  # by default a resumed run goes on in its own directory
         merged["out"] = str(Path(args.resume).parent)
@@ -366,11 +371,11 @@ def resize_uint8(images, size, chunk=4096):
 
 
 def data_home(images, device):
-    """Where a dataset lives: on the training device when it fits, else in pinned host memory.
+    """Where a dataset lives: on the training device when it fits, else in host memory.
 
     CUDA: on the GPU if it takes under half of the free memory (`torch.cuda.mem_get_info`), so
     CelebA at 64 px (2.5 GB) sits on any recent GPU. MPS: on the device below 2**31 elements
-    (larger MPS buffers fail). Otherwise Batches copies each batch over (see there).
+    (larger MPS buffers fail). Otherwise Batches copies each batch over through pinned staging buffers.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -410,7 +415,7 @@ class Batches:
     with exactly the batches an uninterrupted run would have drawn. The last partial batch
     of an epoch is dropped, as DataLoader(drop_last=True) does.
 
-    Data kept in pinned host memory for a GPU (too large for it) is gathered into one of two
+    Data kept in host memory for a GPU (too large for it) is gathered into one of two
     pinned staging buffers and copied asynchronously: indexing a pinned tensor returns pageable
     memory, from which `non_blocking` copies are synchronous. A CUDA event per buffer keeps the
     host from refilling a buffer whose copy has not finished.
@@ -464,14 +469,15 @@ def balanced_labels(n, num_classes, device):
 # Networks: DCGAN's size arithmetic and spectral normalisation (Miyato et al. 2018)
 # ----------------------------------------------------------------------------------------------
 
-def conv_plan(image_size, arch="--arch dcgan"):
-    """DCGAN's stacks start (G) or end (D) at s0 x s0 and double n times: image_size = s0 * 2**n."""
+def conv_plan(image_size, arch="--arch dcgan", smallest=3):
+    """Conv stacks start (G) or end (D) at s0 x s0 and double n times: image_size = s0 * 2**n, with s0 the
+    smallest start in smallest..7 (DCGAN: 3; SNGAN's nets start at 4 or 6, as the paper's 32 and 48 px)."""
     s0, n = image_size, 0
-    while s0 % 2 == 0 and s0 // 2 >= 3:
+    while s0 % 2 == 0 and s0 // 2 >= smallest:
         s0, n = s0 // 2, n + 1
     if n < 2 or s0 > 7:
         raise UsageError(f"{arch} cannot make {image_size}x{image_size} images: the size must be "
-                         f"s*2^n with s in 3..7 and n >= 2 (e.g. 16, 28, 32, 48, 64, 96, 128)")
+                         f"s*2^n with s in {smallest}..7 and n >= 2 (e.g. 16, 28, 32, 48, 64, 96, 128)")
     return s0, n
 
 
@@ -497,13 +503,14 @@ def inception_score(probs, splits=10, generator=None):
     """
     p = torch.as_tensor(probs, dtype=torch.float64)
     p = p[torch.randperm(p.shape[0], generator=generator)]
+    splits = min(splits, p.shape[0])  # fewer samples than splits: no empty split (whose score would be NaN)
     scores = []
     for part in torch.tensor_split(p, splits):  # sizes differ by at most one (chunk() may give fewer parts)
         py = part.mean(0, keepdim=True)
         kl = (torch.special.xlogy(part, part) - torch.special.xlogy(part, py)).sum(1).mean()
         scores.append(kl.exp())
     scores = torch.stack(scores)
-    return scores.mean().item(), (scores.std(unbiased=False).item() if splits > 1 else 0.0)
+    return scores.mean().item(), (scores.std(unbiased=False).item() if len(scores) > 1 else 0.0)
 
 
 def feature_stats(features):
@@ -667,11 +674,12 @@ class Evaluator:
     def _classify(self, images):
         feats, probs = [], []
         for i in range(0, images.shape[0], 1000):
-            x = images[i:i + 1000].to(self.device)
-            x = to_float(x) if x.dtype == torch.uint8 else x.float()
-            if x.shape[-1] != self.cls_size:
+            x = images[i:i + 1000]
+            x = to_float(x.cpu()) if x.dtype == torch.uint8 else x.float().cpu()
+            if x.shape[-1] != self.cls_size:  # on the CPU: MPS has no antialiased resize in older torch
                 x = F.interpolate(x, size=(self.cls_size, self.cls_size), mode="bilinear",
                                   antialias=True, align_corners=False)
+            x = x.to(self.device)
             f = self.classifier.body(x)
             # To the CPU first, then float64: MPS has no float64.
             feats.append(f.cpu().double())
@@ -854,6 +862,21 @@ class Meter:
 
 
 RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "progress.gif", "generated.npz")
+RUN_PICTURES = ("losses.png", "interpolation.png", "class_histogram.png", "predictions.png")  # and more per script
+
+
+def load_optimizer(opt, state):
+    """Load an optimiser's state saved on any device: keep this device's `fused` choice (a CUDA run's fused Adam
+    cannot step on a CPU or a Mac) and give each state tensor its parameter's memory format."""
+    fused = [g.get("fused") for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, f in zip(opt.param_groups, fused):
+        if "fused" in group:
+            group["fused"] = f
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 class Run:
@@ -882,6 +905,8 @@ class Run:
         args, self.state = resume(args, script)
         self.device = pick_device(args.device)
         self.amp_dtype, self.precision = precision(self.device, not args.no_amp)
+        if self.device.type == "cuda":  # cuDNN convolutions default to TF32 on Ampere: --no-amp means float32
+            torch.backends.cudnn.allow_tf32 = not args.no_amp
         self.fused = self.device.type == "cuda"  # fused Adam: one kernel per step for all parameters
         # channels_last (NHWC) for conv networks and batches: 1.1-2x more images/s on this project's CPU
         # (README, Speed) and the layout tensor cores want on CUDA; MPS keeps the default layout.
@@ -918,7 +943,10 @@ class Run:
         position = 0
         if self.state is not None:
             for name, obj in objects.items():
-                obj.load_state_dict(self.state[name])
+                if isinstance(obj, torch.optim.Optimizer):
+                    load_optimizer(obj, self.state[name])
+                else:
+                    obj.load_state_dict(self.state[name])
             set_rng_state(self.state["rng"])  # last: building the networks drew from the RNG
             position = self.state["position"]
         self.batches = Batches(data, self.args.batch_size, self.args.seed, position, self.device, self.memory_format)
@@ -926,7 +954,9 @@ class Run:
 
     def autocast(self):
         """bf16 autocast where `precision` chose it, else a no-op."""
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None)
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def start(self, total, sample, panels, latent_dim, num_classes=None):
         """Set the schedule's length and what it draws with; build the evaluator; write args.json. Returns the step."""
@@ -951,7 +981,7 @@ class Run:
     def _prepare_dir(self):
         if self.state is None:
             if self.args.overwrite:  # only the files a run writes: never the folder itself
-                old = [self.dir / f for f in RUN_FILES] + [*self.dir.glob("*.png"), *self.dir.glob("samples/step_*.png")]
+                old = [self.dir / f for f in RUN_FILES + RUN_PICTURES] + [*self.dir.glob("samples/step_*.png")]
                 for p in old:
                     p.unlink(missing_ok=True)
             rows = []
@@ -973,12 +1003,12 @@ class Run:
         self._paused = self._paused_log = 0.0
         self.first_step, self._step_log, self._pos_log = self.step, self.step, self.batches.position
         self.max_seconds = None if self.args.max_minutes is None else 60 * self.args.max_minutes
+        if self.state is None:
+            self._save()
         try:  # Ctrl-C only raises a flag: the loop finishes its step, then the run saves and exits 130
             self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         except ValueError:  # not the main thread: leave Ctrl-C alone
             self._old_handler = None
-        if self.state is None:
-            self._save()
         return self
 
     def _on_sigint(self, signum, frame):
@@ -1070,8 +1100,9 @@ class Run:
         t = time.time()
         if self.step > 0:  # never overwrite the last good checkpoint with a diverged model
             for name, obj in self.objects.items():
-                if isinstance(obj, nn.Module) and not all(torch.isfinite(p).all() for p in obj.parameters()):
-                    raise Diverged(f"{name}'s weights became non-finite by step {self.step}")
+                tensors = [*obj.parameters(), *obj.buffers()] if isinstance(obj, nn.Module) else []
+                if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():  # one sync
+                    raise Diverged(f"{name}'s weights or statistics became non-finite by step {self.step}")
         data = self.data
         save_checkpoint(self.dir / "checkpoint.pt", {
             "script": self.script, "args": flags(self.args), "step": self.step, "position": self.batches.position,
@@ -1151,7 +1182,9 @@ def generate(args, script, load_sampler):
     z = torch.randn(args.generate, saved.latent_dim, device=device, generator=g)
     k = state["data"]["num_classes"] if state["data"].get("conditional") else None
     y = balanced_labels(args.generate, k, device) if k else None
-    path = write_generated(args.out or Path(args.checkpoint).parent, sample(z, y), y)
+    images = torch.cat([sample(zc, None if y is None else y[i:i + len(zc)]).cpu()  # N images need not fit the device
+                        for i, zc in zip(range(0, len(z), 500), z.split(500))])
+    path = write_generated(args.out or Path(args.checkpoint).parent, images, y)
     print(f"{script}: wrote {args.generate} samples{' with balanced labels' if k else ''} to {path}")
     return path
 

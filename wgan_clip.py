@@ -33,11 +33,13 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model and optimisation (defaults: Arjovsky et al. 2017, Algorithm 1)")
     m.add_argument("--arch", default="dcgan", choices=("dcgan", "mlp"),
-                   help="dcgan: DCGAN G and critic; mlp: 4 layers of 512 in G and critic (the paper's Sec. 4.3 MLP)")
+                   help="dcgan: DCGAN G and critic; mlp: 3 hidden layers of 512 in G and critic (the authors' code; "
+                        "the paper's Sec. 4.3 text says 4)")
     m.add_argument("--width", type=common.positive_int, default=64,
                    help="--arch dcgan: channels of G's last and the critic's first conv layer (64 in the authors' code)")
-    m.add_argument("--critic-bn", default="on", choices=("on", "off"),
-                   help="BatchNorm in the DCGAN critic, as in the authors' code; 'off' for the Sec. 4.3 ablations")
+    m.add_argument("--critic-norm", default="batch", choices=("batch", "none"),
+                   help="normalisation in the dcgan critic: BatchNorm as in the authors' code, or none (the Sec. 4.3 "
+                        "ablations); wgan_gp.py's flag of the same name offers layer|none")
     m.add_argument("--latent-dim", type=common.positive_int, default=100, help="size of z ~ N(0, I); 100 in the authors' code")
     m.add_argument("--batch-size", type=common.positive_int, default=64, help="m = 64 in Algorithm 1")
     m.add_argument("--epochs", type=common.positive_int, default=100, help="passes over the data seen by the critic")
@@ -56,7 +58,7 @@ def parse_args(argv=None):
                         "500th, to train the critic near optimality when G changes most; off = always --n-dis")
     common.add_common_args(p, SCRIPT)
     args = p.parse_args(argv)
-    common.refuse_unused(p, args, {"width": args.arch == "dcgan", "critic_bn": args.arch == "dcgan"}, f"--arch {args.arch}")
+    common.refuse_unused(p, args, {"width": args.arch == "dcgan", "critic_norm": args.arch == "dcgan"}, f"--arch {args.arch}")
     common.refuse_unused(p, args, {"beta1": args.optimizer == "adam", "beta2": args.optimizer == "adam"},
                          f"--optimizer {args.optimizer}")
     return args
@@ -85,7 +87,7 @@ class Generator(nn.Module):
 
 
 class Critic(nn.Module):
-    """dcgan.py's discriminator with an unbounded score (no sigmoid) and BatchNorm that --critic-bn can turn off:
+    """dcgan.py's discriminator with an unbounded score (no sigmoid) and BatchNorm that --critic-norm none turns off:
     stride-2 convs, LeakyReLU(0.2)."""
 
     def __init__(self, channels, image_size, width=64, batchnorm=True):
@@ -142,6 +144,8 @@ def init_weights(m):
         nn.init.zeros_(m.bias)
 
 
+# The MLPs get N(0, 0.02) too, like dcgan.py's: a deliberate difference from the authors' code (whose init matched
+# only conv and BatchNorm layers, leaving Linear at torch's default) and from wgan_gp.py's MLP (torch's default).
 def build_generator(args, channels):
     if args.arch == "mlp":
         return MLPGenerator(args.latent_dim, channels, args.image_size).apply(init_weights)
@@ -151,7 +155,7 @@ def build_generator(args, channels):
 def build_critic(args, channels):
     if args.arch == "mlp":
         return MLPCritic(channels, args.image_size).apply(init_weights)
-    return Critic(channels, args.image_size, args.width, args.critic_bn == "on").apply(init_weights)
+    return Critic(channels, args.image_size, args.width, args.critic_norm == "batch").apply(init_weights)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -94,10 +94,9 @@ class Critic(nn.Module):
     def __init__(self, channels, image_size, width=64, norm="layer"):
         super().__init__()
         s0, n = common.conv_plan(image_size)
-        ch, size = width, image_size // 2
+        ch = width
         layers = [nn.Conv2d(channels, ch, 4, 2, 1), nn.LeakyReLU(0.2, True)]  # (w, size/2, size/2)
         for _ in range(n - 1):
-            size //= 2
             # GroupNorm with one group = layer norm over (C, H, W) with a per-channel affine: per sample, like the penalty
             norm_layer = nn.GroupNorm(1, ch * 2) if norm == "layer" else nn.Identity()
             layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1), norm_layer, nn.LeakyReLU(0.2, True)]  # (2ch, H/2, W/2)

@@ -71,6 +71,9 @@ def cases(script):
         ("--resume=truncated", RESUME + ["@TRUNC@"], r"@TRUNC@\b.*(truncat|damag|corrupt|cannot be read)", INTERNAL),
         ("--generate-foreign-checkpoint", GENERATE + ["3", "--checkpoint", "@FOREIGN@"], r"@FOREIGN@\b.*\b@OTHER@\.py", INTERNAL),
         ("--generate-without-checkpoint", GENERATE + ["5"], r"--checkpoint\b", ()),
+        ("--checkpoint-without-generate", TRAIN + ["--checkpoint", "@TRUNC@"], r"--checkpoint\b.*--generate", ()),
+        ("--generate-with-resume", GENERATE + ["3", "--checkpoint", "@FOREIGN@", "--resume", "@TRUNC@"],
+         r"--generate\b.*--resume\b", ()),
     ]
     return out
 

@@ -324,7 +324,9 @@ def test_used_out_is_refused_untouched_and_overwrite_starts_a_clean_log(tmp_path
     assert code == 2 and "already holds a run" in err and err.strip().count("\n") == 0
     assert _snapshot(out) == before
     (out / "notes.txt").write_text("mine")
+    (out / "mine.png").write_bytes(b"not the run's")  # a user's picture: --overwrite deletes only the run's by name
     assert run_script(dcgan, base + ["--max-steps", "3", "--log-every", "1", "--overwrite"])[0] == 0
+    assert (out / "mine.png").read_bytes() == b"not the run's"
     rows = common.read_metrics(out / "metrics.jsonl")
     assert steps(rows, "loss_d") == [1, 2, 3] and steps(rows, "cls_fid") == [3]
     assert grids(out) == [0, 3]
@@ -447,3 +449,57 @@ def test_slerp_between_opposite_and_parallel_points_is_the_straight_line():
         assert path.shape == (7, 64) and torch.isfinite(path).all()
         assert torch.allclose(path[0], z, atol=1e-5) and torch.allclose(path[-1], end, atol=1e-5)
         assert torch.allclose(path, common.interpolate(z, end, 7, "linear"), atol=1e-4)
+
+
+def test_resume_does_not_inherit_overwrite(tmp_path, data_root, capsys):
+    """A run started with --overwrite, resumed into another run's --out, is refused there and changes nothing.
+    Catches a resume that takes --overwrite from the checkpoint's flags and replaces the other run."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_script(dcgan, TINY + ["--max-steps", "2", "--data-root", data_root, "--out", a, "--overwrite"])[0] == 0
+    assert run_script(dcgan, TINY + ["--max-steps", "2", "--data-root", data_root, "--out", b])[0] == 0
+    before = _snapshot(b)
+    code, _, err = run(dcgan, ["--resume", a / "checkpoint.pt", "--max-steps", "3", "--out", b], capsys)
+    assert code == 2 and "already holds a run" in err and _snapshot(b) == before
+
+
+def test_optimizer_state_loads_on_another_device_layout(tmp_path):
+    """An optimiser saved by a fused (CUDA) run and with contiguous state loads into a non-fused optimiser of
+    channels_last parameters: it stays non-fused (a fused Adam cannot step on a CPU or a Mac) and its state takes
+    each parameter's memory format. Catches a plain load_state_dict, which keeps the saved fused=True."""
+    conv = torch.nn.Conv2d(3, 8, 3)
+    opt = torch.optim.Adam(conv.parameters(), 1e-3)
+    conv(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    for g in state["param_groups"]:
+        g["fused"] = True
+    conv2 = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    opt2 = torch.optim.Adam(conv2.parameters(), 1e-3)
+    common.load_optimizer(opt2, state)
+    assert not opt2.param_groups[0]["fused"]
+    w = conv2.weight
+    assert opt2.state[w]["exp_avg"].stride() == w.stride() and torch.equal(opt2.state[w]["exp_avg"],
+                                                                           opt.state[conv.weight]["exp_avg"])
+    conv2(torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)).sum().backward()
+    opt2.step()  # and it steps
+
+
+def test_inception_score_with_fewer_samples_than_splits_is_finite():
+    """5 one-hot samples of 5 classes: 5 splits of 1 (IS 1 each), not 10 with 5 empty ones (NaN)."""
+    mean, std = common.inception_score(torch.eye(5), splits=10, generator=torch.Generator().manual_seed(0))
+    assert mean == pytest.approx(1.0) and std == pytest.approx(0.0)
+
+
+def test_a_failing_first_save_leaves_ctrl_c_alone(tmp_path, data_root, monkeypatch):
+    """If the checkpoint at step 0 fails (disk full, a sampling error), the run's SIGINT handler is not left
+    installed: a notebook's next Ctrl-C must still interrupt. Catches installing the handler before that save."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+
+    def broken_save(self):
+        raise OSError("disk full")
+    monkeypatch.setattr(common.Run, "_save", broken_save)
+    with pytest.raises(OSError):
+        dcgan.main([str(a) for a in TINY + ["--max-steps", "2", "--data-root", data_root, "--out", tmp_path / "r"]])
+    assert signal.getsignal(signal.SIGINT) is before

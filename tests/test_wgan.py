@@ -110,10 +110,10 @@ def test_wgan_gp_trains(arch, size, tmp_path, data_root):
     assert all(s["step"] == 4 for s in state["opt_g"]["state"].values())
 
 
-@pytest.mark.parametrize("arch, bn", [("dcgan", "on"), ("dcgan", "off"), ("mlp", None)])
+@pytest.mark.parametrize("arch, bn", [("dcgan", "batch"), ("dcgan", "none"), ("mlp", None)])
 def test_wgan_clip_trains_and_stays_clipped(arch, bn, tmp_path, data_root):
     out = tmp_path / "run"
-    flags = FAST + ["--critic-bn", bn] if bn else without(FAST, "--width")
+    flags = FAST + ["--critic-norm", bn] if bn else without(FAST, "--width")
     code, _ = run_script(wgan_clip, flags + ["--arch", arch, "--max-steps", "3",
                                             "--sample-every", "3", "--out", out, "--data-root", data_root])
     assert code == 0
