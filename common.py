@@ -100,7 +100,8 @@ positive_int = _number(int, lambda v: v >= 1, "at least 1")
 nonneg_int = _number(int, lambda v: v >= 0, "at least 0")
 positive_float = _number(float, lambda v: v > 0, "> 0")
 nonneg_float = _number(float, lambda v: v >= 0, ">= 0")
-unit_float = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # Adam's betas, dropout, EMA decay
+unit_float = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # Adam's betas, dropout
+open_unit_float = _number(float, lambda v: 0 < v < 1, "in (0, 1)")  # EMA decay
 
 
 def add_common_args(p, script):
@@ -488,7 +489,19 @@ def spectral_norm(module, n_power_iterations=1):
     weight to (out, in*kh*kw) as the paper does, and runs `n_power_iterations` per training
     forward, reusing u between steps; the paper uses 1).
     """
-    return nn.utils.parametrizations.spectral_norm(module, n_power_iterations=n_power_iterations)
+    nn.utils.parametrizations.spectral_norm(module, n_power_iterations=n_power_iterations)
+    sn = module.parametrizations.weight[0]
+    sn.forward = _float32(sn.forward)
+    return module
+
+
+def _float32(forward):
+    """Run a parametrization outside autocast: under CUDA bf16 autocast torch.mv (the power iteration and
+    sigma = u^T W v) would run in bf16. The normalised weight is float32; the layer then casts it as usual."""
+    def run(weight):
+        with torch.autocast(weight.device.type, enabled=False):
+            return forward(weight)
+    return run
 
 
 # ----------------------------------------------------------------------------------------------

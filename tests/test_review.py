@@ -16,6 +16,7 @@ import torch
 import cgan
 import common
 import dcgan
+import sngan
 import wgan_clip
 import wgan_gp
 from conftest import run_script
@@ -123,10 +124,13 @@ LEARN = {
     "cgan": (cgan, ["--max-steps", "60"]),
     "wgan_gp": (wgan_gp, ["--max-steps", "120", "--n-dis", "2", "--lr-g", "4e-4"]),
     "wgan_clip": (wgan_clip, ["--max-steps", "60", "--lr-g", "2e-4", "--warmup-critic", "off"]),
+    "sngan": (sngan, ["--max-steps", "120", "--arch", "cnn", "--n-dis", "1", "--lr-g", "4e-4", "--lr-decay", "none"]),
 }
 
 
 def _generator(module, args):
+    if module is sngan:
+        return sngan.build_generator(args, 1, 10)
     return cgan.build_generator(args, 1, 10) if module is cgan else module.build_generator(args, 1)
 
 
@@ -202,7 +206,7 @@ def test_learning_direction_catches_broken_losses(name, broken, tmp_path, data_r
     if broken == "d_swapped":
         attr = "d_loss" if hasattr(module, "d_loss") else "critic_loss"
         orig = getattr(module, attr)
-        monkeypatch.setattr(module, attr, lambda real, fake: orig(fake, real))
+        monkeypatch.setattr(module, attr, lambda real, fake, *kind: orig(fake, real, *kind))
         must_fail = "D scores real above fake"
     else:
         attr = "g_loss" if hasattr(module, "g_loss") else "generator_loss"
