@@ -1253,7 +1253,10 @@ def plot_metrics(metrics_path, out_path, panels):
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, left, right) in zip(axes[0], panels):
         lines = []
-        for axis, keys, styles in ((ax, left, ["C0", "C1", "C2", "C3"]), (ax.twinx() if right else None, right, ["C3", "C4"])):
+        first_right = max(3, len(left))  # right-hand colours after the left's (C3 with up to 3 on the left)
+        colors_left = [f"C{i % 10}" for i in range(len(left))]
+        colors_right = [f"C{(first_right + i) % 10}" for i in range(len(right))]
+        for axis, keys, styles in ((ax, left, colors_left), (ax.twinx() if right else None, right, colors_right)):
             for k, color in zip(keys, styles):
                 s = series(k)
                 if s:

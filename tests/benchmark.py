@@ -26,7 +26,7 @@ import common  # noqa: E402
 
 # (script, extra flags): each script's default network at 28 px, and DCGAN's 64 px stack
 CASES = [("dcgan", []), ("dcgan", ["--image-size", "64"]), ("cgan", []), ("wgan_gp", []),
-         ("wgan_clip", ["--warmup-critic", "off"])]
+         ("wgan_clip", ["--warmup-critic", "off"]), ("sngan", []), ("sngan", ["--arch", "cnn"])]
 
 
 def matmul_rate(device, dtype, n=2048, reps=10):
@@ -100,7 +100,7 @@ def main(argv=None):
                 train = [r for r in rows if "images_per_s" in r][1:]  # drop the warm-up window
                 ips = sum(r["images_per_s"] for r in train) / len(train)
                 saved = vars(module.parse_args(base))
-                per_iter = saved["batch_size"] * saved["n_dis"]  # real images per iteration
+                per_iter = saved["batch_size"] * saved["n_dis"]  # real images per iteration (D's batch)
                 rate = flops * ips / per_iter
                 name = "float32" if amp else "bf16 autocast"
                 print(f"| {script} | {' '.join(extra) or '(defaults)'} | {name} | {ips:.0f} | {flops / 1e9:.2f} | "

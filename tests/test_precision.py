@@ -10,6 +10,7 @@ import torch
 
 import common
 import dcgan
+import sngan
 import wgan_clip
 import wgan_gp
 from conftest import run_script
@@ -93,3 +94,23 @@ def test_resume_in_each_precision(precision, tmp_path, data_root, native_bf16):
                 assert torch.equal(v, part[net][k]), k
             else:
                 assert torch.allclose(v.float(), part[net][k].float(), atol=1e-3), k
+
+
+def test_sngan_heads_and_spectral_norm_stay_float32_under_autocast(native_bf16, monkeypatch):
+    """Under bf16 autocast D's body runs in bf16, but its head (sum pooling, linear, projection) is float32, and the
+    spectral norm's power iteration and sigma (torch.mv, which CUDA autocast would run in bf16) run with autocast
+    off. Catches a removed `autocast(enabled=False)` in either place."""
+    import argparse
+
+    calls = []
+    mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *a, **k: calls.append(torch.is_autocast_enabled("cpu")) or mv(*a, **k))
+    for arch in ("resnet", "cnn"):
+        args = argparse.Namespace(arch=arch, image_size=32, width=4, conditional=True, g_block="preact",
+                                  d_arch="resnet", sn_iters=1, latent_dim=16)
+        D = sngan.build_discriminator(args, 1, 10)
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = D(torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3]))
+        assert out.dtype == torch.float32, arch
+        assert calls and not any(calls), (arch, calls)  # every power iteration ran with autocast off

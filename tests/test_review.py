@@ -231,6 +231,9 @@ SAMPLERS = {
     "wgan_gp": lambda: (wgan_gp.Generator(16, 1, 28, width=8), wgan_gp.sample_images),
     "wgan_gp-resnet": lambda: (wgan_gp.ResNetGenerator(16, 1, 32, width=8), wgan_gp.sample_images),
     "wgan_clip": lambda: (wgan_clip.Generator(16, 1, 28, width=8), wgan_clip.sample_images),
+    "sngan-resnet": lambda: (sngan.ResNetGenerator(16, 1, 32, width=4), sngan.sample_images),
+    "sngan-cnn-cond": lambda: (sngan.CNNGenerator(16, 1, 32, width=4, num_classes=10),
+                               lambda G, z: sngan.sample_images(G, z, torch.arange(len(z)) % 10)),
 }
 
 
@@ -243,7 +246,7 @@ def test_samplers_use_eval_mode_and_restore_train_mode(name):
     torch.manual_seed(0)
     G, sample = SAMPLERS[name]()
     z = torch.randn(6, 16)
-    conditional = name.startswith("cgan")
+    conditional = name.startswith("cgan") or name.endswith("-cond")
     forward = (lambda zz: G(zz, torch.arange(len(zz)) % 10)) if conditional else G
     forward(torch.randn(8, 16))  # one training-mode forward: running statistics away from their initial (0, 1)
     # The check can fail: in train mode a sample depends on its batch.
@@ -507,3 +510,19 @@ def test_a_failing_first_save_leaves_ctrl_c_alone(tmp_path, data_root, monkeypat
     with pytest.raises(OSError):
         dcgan.main([str(a) for a in TINY + ["--max-steps", "2", "--data-root", data_root, "--out", tmp_path / "r"]])
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_plots_draw_every_key_of_a_panel(tmp_path, monkeypatch):
+    """A panel with many series (SNGAN's sigma of every D layer) draws all of them, and a right-hand axis its own.
+    Catches a fixed list of colours that silently drops series past the fourth."""
+    figures = []
+    make = common._figure
+    monkeypatch.setattr(common, "_figure", lambda w, h: figures.append(make(w, h)) or figures[-1])
+    rows = [{"step": s, **{f"sigma_{i}": 1 + i / 100 for i in range(6)}, "a": s, "b": 2 * s, "c": 3 * s}
+            for s in (1, 2, 3)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common.plot_metrics(tmp_path / "m.jsonl", tmp_path / "l.png",
+                        [("sigma", [f"sigma_{i}" for i in range(6)]), ("two axes", ["a"], ["b", "c"])])
+    sigma_ax, left_ax, right_ax = figures[0].axes
+    assert [ln.get_label() for ln in sigma_ax.get_lines()] == [f"sigma_{i}" for i in range(6)]
+    assert len(left_ax.get_lines()) == 1 and len(right_ax.get_lines()) == 2
