@@ -273,3 +273,25 @@ def test_paper_channel_counts_and_resolutions():
     D = sngan.CNNDiscriminator(3, 32, 64)
     assert [m.out_channels for m in D.modules() if isinstance(m, nn.Conv2d)] == [64, 64, 128, 128, 256, 256, 512]
     assert D.fc.in_features == 512 * 4 * 4
+
+
+@pytest.mark.parametrize("size", [32, 48])
+@pytest.mark.parametrize("conditional", [False, True])
+@pytest.mark.parametrize("loss", ["hinge", "ns", "wasserstein"])
+@pytest.mark.parametrize("arch", ["cnn", "resnet"])
+def test_every_arch_loss_condition_and_size_takes_real_steps(arch, loss, conditional, size, tmp_path, data_root):
+    """The issue's full grid, 2 steps each: D stepped n_dis times per G step and G stepped (Adam's counts cover every
+    parameter, so a layer left out of the graph, e.g. an unused embedding, fails), losses finite."""
+    out = tmp_path / "run"
+    argv = ["--dataset", "fake", "--batch-size", "8", "--width", "2", "--eval-samples", "20", "--log-every", "1",
+            "--n-dis", "2", "--arch", arch, "--loss", loss, "--image-size", size, "--max-steps", "2", "--out", out,
+            "--data-root", data_root, "--eval-every", "0"] + (["--conditional"] if conditional else [])
+    assert run_script(sngan, argv)[0] == 0
+    state = common.load_checkpoint(out / "checkpoint.pt", "sngan")
+    args = argparse.Namespace(**state["args"])
+    assert len(state["opt_d"]["state"]) == len(list(sngan.build_discriminator(args, 1, 10).parameters()))
+    assert len(state["opt_g"]["state"]) == len(list(sngan.build_generator(args, 1, 10).parameters()))
+    assert all(s["step"] == 4 for s in state["opt_d"]["state"].values())
+    assert all(s["step"] == 2 for s in state["opt_g"]["state"].values())
+    rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss_d" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in rows)
