@@ -26,6 +26,7 @@ import os
 import signal
 import sys
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -491,17 +492,15 @@ def spectral_norm(module, n_power_iterations=1):
     """
     nn.utils.parametrizations.spectral_norm(module, n_power_iterations=n_power_iterations)
     sn = module.parametrizations.weight[0]
-    sn.forward = _float32(sn.forward)
+    sn.forward = types.MethodType(_forward_in_float32, sn)  # a bound method: copy.deepcopy rebinds it to the copy
     return module
 
 
-def _float32(forward):
-    """Run a parametrization outside autocast: under CUDA bf16 autocast torch.mv (the power iteration and
+def _forward_in_float32(self, weight):
+    """The parametrization's forward outside autocast: under CUDA bf16 autocast torch.mv (the power iteration and
     sigma = u^T W v) would run in bf16. The normalised weight is float32; the layer then casts it as usual."""
-    def run(weight):
-        with torch.autocast(weight.device.type, enabled=False):
-            return forward(weight)
-    return run
+    with torch.autocast(weight.device.type, enabled=False):
+        return type(self).forward(self, weight)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ discriminator and conditional BatchNorm for the class-conditional case (Miyato &
     python sngan.py --generate 1000 --checkpoint runs/<run>/checkpoint.pt
 
 Every weight of D (convs, linear, the class embedding) is divided by its largest singular value,
-estimated by one power iteration per forward pass (Sec. 2.1): D becomes 1-Lipschitz per layer
-without clipping or a penalty, and G is unconstrained (BatchNorm, no SN). Losses, from D's raw
-outputs d (--loss):
+estimated by one power iteration per training-mode forward of D (Sec. 2.1; n_dis + n_gen per
+iteration): D becomes 1-Lipschitz per layer without clipping or a penalty, and G is unconstrained
+(BatchNorm, no SN). Losses, from D's raw outputs d (--loss):
   hinge        D: E[relu(1 - d_real)] + E[relu(1 + d_fake)]   G: -E[d_fake]   (the paper's Eq. 17; default)
   ns           D: E[softplus(-d_real)] + E[softplus(d_fake)]  G: E[softplus(-d_fake)]  (non-saturating)
   wasserstein  D: E[d_fake] - E[d_real]                       G: -E[d_fake]   (SN in place of clipping)
@@ -43,8 +43,8 @@ def parse_args(argv=None):
                    help="resnet: the paper's ResNets (App. B: 32 px CIFAR-10, 48 px STL-10; 64 px and up for "
                         "folders/CelebA); cnn: the paper's standard CNN (Table 3)")
     m.add_argument("--width", type=common.positive_int, default=64,
-                   help="base channels w (the paper's channel counts are at w = 64): cnn G 8w..w, D w..8w; "
-                        "resnet at <= 32 px G 4w = 256, D 2w = 128 (CIFAR-10); larger sizes G 16w..w, D w..16w")
+                   help="base channels w (the paper's channel counts are at w = 64); at 32 px: cnn G 8w..w, D w..8w, "
+                        "resnet G 4w = 256, D 2w = 128 (CIFAR-10); at 48 px resnet G 8w..w, D w..16w (STL-10)")
     m.add_argument("--g-block", default="preact", choices=("preact", "postact"),
                    help="resnet G block: preact = BN, ReLU, conv (the paper); postact = conv, BN, ReLU (seed report 003)")
     m.add_argument("--d-arch", default="resnet", choices=("resnet", "strided"),

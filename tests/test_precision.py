@@ -105,12 +105,13 @@ def test_sngan_heads_and_spectral_norm_stay_float32_under_autocast(native_bf16, 
     calls = []
     mv = torch.mv
     monkeypatch.setattr(torch, "mv", lambda *a, **k: calls.append(torch.is_autocast_enabled("cpu")) or mv(*a, **k))
-    for arch in ("resnet", "cnn"):
-        args = argparse.Namespace(arch=arch, image_size=32, width=4, conditional=True, g_block="preact",
+    for arch, conditional in (("resnet", True), ("cnn", True), ("resnet", False), ("cnn", False)):
+        # unconditional too: there a bf16 linear output has no float32 projection term to promote it
+        args = argparse.Namespace(arch=arch, image_size=32, width=4, conditional=conditional, g_block="preact",
                                   d_arch="resnet", sn_iters=1, latent_dim=16)
         D = sngan.build_discriminator(args, 1, 10)
         calls.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = D(torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3]))
+            out = D(torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3]) if conditional else None)
         assert out.dtype == torch.float32, arch
         assert calls and not any(calls), (arch, calls)  # every power iteration ran with autocast off

@@ -63,6 +63,18 @@ def test_spectral_norm_keeps_every_d_layer_at_sigma_one(arch, d_arch, size):
     assert all(abs(s - 1) < 0.02 for s in sigma.values()), sigma
 
 
+def test_spectral_norm_survives_a_deep_copy():
+    """A deep copy of a spectrally normalised D (as a user makes for an EMA of D, or to move it to another device)
+    iterates its own u, not the original's, and follows its own train/eval mode. Catches a forward wrapper that
+    stays bound to the original module."""
+    D = sngan.build_discriminator(net_args(), 1, 10)
+    E = copy.deepcopy(D)
+    u_d = {k: v.clone() for k, v in D.state_dict().items() if k.endswith("_u")}
+    E(torch.randn(2, 1, 32, 32))
+    assert all(torch.equal(v, D.state_dict()[k]) for k, v in u_d.items())  # the original untouched
+    assert any(not torch.equal(v, E.state_dict()[k]) for k, v in u_d.items())  # the copy iterated
+
+
 def test_reading_singular_values_does_not_change_training():
     """singular_values reads the weights in eval mode: no extra power iteration (u unchanged), D back in train mode."""
     D = sngan.build_discriminator(net_args(), 1, 10)
@@ -73,6 +85,8 @@ def test_reading_singular_values_does_not_change_training():
 
 
 def test_losses_equal_their_formulas():
+    """Hinge, non-saturating and Wasserstein losses on given outputs. Catches a swapped sign or argument, a missing
+    margin, or softplus written the wrong way round."""
     real, fake = torch.tensor([2.0, -0.5]), torch.tensor([0.5, -3.0])
     # hinge: mean(relu(1 - real)) = (0 + 1.5) / 2, mean(relu(1 + fake)) = (1.5 + 0) / 2
     assert sngan.d_loss(real, fake, "hinge").item() == pytest.approx(1.5)
