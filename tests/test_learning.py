@@ -38,7 +38,7 @@ def test_conditional_discriminator_makes_g_obey_the_label(tmp_path, data_root):
     """A conditional D (concat, projection) makes G draw the asked class; an unconditional one does not.
 
     Measured 2026-11-24 (seeds 0 and 1): none 0.11 / 0.11, concat 1.00 / 1.00, projection (MLP) 1.00 / 1.00.
-    Two things about the fake blobs, found by measurement (the earlier xfail): at equal learning rates D
+    Two things about the fake blobs, found by measurement (this test was once an expected failure): at equal LRs D
     rejects G's blobs by realism alone, so the label never matters to it and G ignores y (accuracy 0.14-0.18
     for every D); a faster G (--lr-g 4e-4 --lr-d 1e-4) fixes that. And the class here is only the blob's
     position, which the conv projection D's spatially pooled features barely carry (0.16 at 1000 steps);
