@@ -936,6 +936,7 @@ class Run:
         seed_everything(args.seed)
 
     def _check_dir(self):
+        existed = self.dir.exists()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -947,6 +948,8 @@ class Run:
         if used and not resuming_here and not self.args.overwrite:
             raise UsageError(f"--out {self.dir} already holds a run: choose another --out, continue it with "
                              f"--resume {self.dir / 'checkpoint.pt'}, or replace it with --overwrite")
+        if not existed:  # made again by start(): a run that fails before (bad data, size) leaves no empty folder
+            self.dir.rmdir()
 
     def restore(self, data, **objects):
         """Remember what checkpoint.pt holds (models, optimisers, schedulers: anything with a state_dict);
@@ -1003,7 +1006,7 @@ class Run:
             for p in self.dir.glob("samples/step_*.png"):
                 if int(p.stem[5:]) > self.step:
                     p.unlink()
-        (self.dir / "samples").mkdir(exist_ok=True)
+        (self.dir / "samples").mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         resolved = {"device": str(self.device), "precision": self.precision, "torch": torch.__version__}

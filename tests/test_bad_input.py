@@ -124,3 +124,12 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(script, case, argv, pa
     assert not [w for w in forbidden if w in lines[0]], f"internal error text in the message: {lines[0]}"
     assert snapshot(run_dir) == before, "the run directory changed"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "run"], "files written outside --out"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_that_fails_at_start_leaves_no_empty_folder(script, tmp_path, capsys):
+    """A missing dataset or an impossible size fails after --out was checked: no empty run folder stays behind."""
+    module = importlib.import_module(script)
+    for argv in (["--dataset", "cifar10", "--data-root", str(tmp_path / "nodata")], ["--dataset", "fake", "--image-size", "30"]):
+        code, err = run_script(module, argv + ["--out", tmp_path / "new"], capsys)
+        assert code == 2 and not (tmp_path / "new").exists(), err
