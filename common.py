@@ -260,8 +260,10 @@ def _load_torchvision(name, root, train):
             return [tvd.USPS(root, train=train, download=download)]
         if name == "cifar10":
             return [tvd.CIFAR10(root, train=train, download=download)]
-        # STL-10: the 13k labelled images (train + test), as in the SNGAN reproductions we follow.
-        return [tvd.STL10(root, split=s, download=download) for s in (("train", "test") if train else ("test",))]
+        # STL-10 for training: the 100k unlabelled images and the 5k labelled training images, as the SNGAN
+        # authors trained (their labels are dropped: one class, as CelebA, so --conditional is refused); the 8k
+        # labelled test images are the real split for evaluation.
+        return [tvd.STL10(root, split="train+unlabeled" if train else "test", download=download)]
 
     try:
         try:
@@ -281,6 +283,8 @@ def _load_torchvision(name, root, train):
             data = data.transpose(0, 3, 1, 2)
         imgs.append(torch.from_numpy(np.ascontiguousarray(data)))
         labs.append(torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.int64))
+    if name == "stl10" and train:  # labels are -1 on the unlabelled images: the training set has no classes
+        return torch.cat(imgs), torch.zeros(sum(len(i) for i in imgs), dtype=torch.int64), 1
     return torch.cat(imgs), torch.cat(labs), 10
 
 

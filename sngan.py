@@ -3,7 +3,7 @@ discriminator and conditional BatchNorm for the class-conditional case (Miyato &
 
     python sngan.py --dataset cifar10 --loss hinge --n-dis 5           # the paper's CIFAR-10 ResNet
     python sngan.py --dataset cifar10 --arch cnn                       # the paper's "standard CNN"
-    python sngan.py --dataset stl10 --epochs 1231                      # 48 px ResNet, 50k G steps
+    python sngan.py --dataset stl10 --epochs 153                       # 48 px ResNet, 50k G steps
     python sngan.py --dataset fashion-mnist --width 16 --batch-size 32 --max-minutes 10   # a CPU setting
     python sngan.py --generate 1000 --checkpoint runs/<run>/checkpoint.pt
 
@@ -61,7 +61,7 @@ def parse_args(argv=None):
                    help="G's batch; default twice --batch-size, as the authors' code (64 and 128)")
     m.add_argument("--epochs", type=common.positive_int, default=320,
                    help="passes over the data seen by D; 320 = the authors' 50k G steps on CIFAR-10 at batch 64, "
-                        "n_dis 5 (STL-10's 13k images: --epochs 1231 for 50k)")
+                        "n_dis 5 (STL-10's 105k training images: --epochs 153 for 50k)")
     m.add_argument("--lr-g", type=common.positive_float, default=2e-4, help="G's Adam learning rate; 2e-4 in the paper")
     m.add_argument("--lr-d", type=common.positive_float, default=2e-4, help="D's Adam learning rate; 2e-4 in the paper")
     m.add_argument("--beta1", type=common.unit_float, default=0.0,

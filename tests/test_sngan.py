@@ -309,3 +309,53 @@ def test_every_arch_loss_condition_and_size_takes_real_steps(arch, loss, conditi
     assert all(s["step"] == 2 for s in state["opt_g"]["state"].values())
     rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "loss_d" in r]
     assert len(rows) == 2 and all(math.isfinite(r["loss_d"]) and math.isfinite(r["loss_g"]) for r in rows)
+
+
+def test_g_step_batch_is_twice_d_batch_and_d_sees_each_image_with_its_label(tmp_path, data_root, monkeypatch):
+    """The authors' batch sizes: D steps on --batch-size real + as many fake, G steps on 2x --batch-size (or
+    --g-batch-size). And in the conditional D step, each real image reaches D with its own dataset label and each
+    fake with the label G made it for. Catches G stepping on D's batch size, and a misaligned concatenation
+    (labels shuffled against images, or real and fake halves swapped) that still runs without error."""
+    calls = []
+    build_g, build_d = sngan.build_generator, sngan.build_discriminator
+
+    def record(name):
+        def hook(m, inp, out):
+            if m.training:  # training forwards only (sampling runs G in eval mode)
+                calls.append((name, torch.is_grad_enabled(), inp[1] if name == "G" else inp[0],
+                              out if name == "G" else inp[1]))
+        return hook
+
+    def spy_g(*a, **kw):
+        G = build_g(*a, **kw)
+        G.register_forward_hook(record("G"))
+        return G
+
+    def spy_d(*a, **kw):
+        D = build_d(*a, **kw)
+        D.register_forward_hook(record("D"))
+        return D
+    monkeypatch.setattr(sngan, "build_generator", spy_g)
+    monkeypatch.setattr(sngan, "build_discriminator", spy_d)
+    data = common.load_dataset("fake", data_root)
+    for extra, g_batch in (([], 32), (["--g-batch-size", "24"], 24)):
+        calls.clear()
+        out = tmp_path / f"run{g_batch}"
+        argv = FAST + ["--conditional", "--arch", "cnn", "--max-steps", "1", "--eval-every", "0", "--out", out,
+                       "--data-root", data_root] + extra
+        assert run_script(sngan, argv)[0] == 0
+        training = calls
+        assert len(training) == 2 * 2 + 2
+        d_steps = [(training[i], training[i + 1]) for i in (0, 2)]  # n_dis 2: (G under no_grad, D) twice
+        for (g, d) in d_steps:
+            assert g[0] == "G" and not g[1] and d[0] == "D" and d[1]
+            x, y = d[2], d[3]
+            assert x.shape[0] == 32 and y.shape[0] == 32  # 16 real + 16 fake in one forward
+            real = common.to_uint8(x[:16])
+            for img, label in zip(real, y[:16]):
+                match = (data.images == img).flatten(1).all(1).nonzero().flatten()
+                assert len(match) == 1 and data.labels[match[0]] == label, "a real image with another label"
+            assert torch.equal(x[16:], g[3].to(x.dtype)) and torch.equal(y[16:], g[2]), "fake half misaligned"
+        g_step = training[4]
+        assert g_step[0] == "G" and g_step[1] and g_step[3].shape[0] == g_batch
+        assert training[5][0] == "D" and training[5][2].shape[0] == g_batch
