@@ -265,6 +265,7 @@ def train(args):
     opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2), fused=run.fused)
     opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2), fused=run.fused)
     batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # with --resume: their saved states
+    G_ddp, D_ddp = run.distribute(G), run.distribute(D)  # under torchrun: DDP, gradients averaged; else G, D
     total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
     # num_classes=K: sample grids with one row per class, evaluation with balanced labels and cls_acc
     step = run.start(total, lambda z, y: sample_images(G, z, y), latent_dim=args.latent_dim, num_classes=K, panels=[
@@ -279,24 +280,26 @@ def train(args):
             # D step: minimise softplus(-D(x, y)) + softplus(D(G(z, y'), y'))  (Mirza & Osindero 2014, Eq. 2)
             for _ in range(args.n_dis):
                 real, y_real = batches.next()
-                z = torch.randn(real.shape[0], args.latent_dim, device=device)
-                y_fake = torch.randint(0, K, (real.shape[0],), device=device)
+                z = run.randn(args.batch_size, args.latent_dim)  # under torchrun: this process's share
+                y_fake = run.randint(K, args.batch_size)
                 with run.autocast():
                     with torch.no_grad():  # D's step must not push gradients into G: record no graph for G at all
                         fake = G(z, y_fake)
-                    real_logits, fake_logits = D(real, y_real).float(), D(fake, y_fake).float()  # the loss in float32
+                    # Two forwards (D's BatchNorm sees all-real and all-fake batches); the loss in float32
+                    real_logits, fake_logits = D_ddp(real, y_real).float(), D_ddp(fake, y_fake).float()
                 loss_d = d_loss(real_logits, fake_logits)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
 
             # G step: vanilla minimises -softplus(D(G(z, y), y)), ns minimises softplus(-D(G(z, y), y))
+            # Through D itself, not D_ddp: D is frozen here, and DDP would wait for D gradients that never come.
             D.requires_grad_(False)  # gradients flow through D to G, D's own weight gradients are not needed
             for _ in range(args.n_gen):
-                z = torch.randn(args.batch_size, args.latent_dim, device=device)
-                y_fake = torch.randint(0, K, (args.batch_size,), device=device)
+                z = run.randn(args.batch_size, args.latent_dim)
+                y_fake = run.randint(K, args.batch_size)
                 with run.autocast():
-                    fake_logits_g = D(G(z, y_fake), y_fake).float()
+                    fake_logits_g = D(G_ddp(z, y_fake), y_fake).float()
                 loss_g = g_loss(fake_logits_g, args.loss)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()

@@ -9,6 +9,7 @@ script). This file holds what every script does in the same way:
   evaluation    Evaluator                  classifier-IS/FID for MNIST-like data, Inception IS/FID when weights exist
                 inception_score, frechet_distance, feature_stats   the mathematics, tested on known inputs
   devices       pick_device, precision     CUDA/MPS/CPU, and bf16 autocast only where the hardware computes bf16
+  processes     distributed_env, Run.distribute   torchrun: one device per process, DDP, rank 0 writes
   a run         Run                        --resume, the run directory, the log/sample/evaluate schedule, Ctrl-C,
                                            NaN, checkpoints, and the finish (final evaluation, plots, figures)
   pictures      save_grid, make_gif, plot_metrics, save_predictions, interpolate;  generate (--generate)
@@ -20,6 +21,7 @@ Run `python common.py --dataset fashion-mnist` to train and cache the evaluation
 import argparse
 import contextlib
 import gzip
+import inspect
 import json
 import math
 import os
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import distributed as dist
 
 DATASETS = ("mnist", "fashion-mnist", "usps", "cifar10", "stl10", "celeba", "folder", "fake")
 NATIVE_SIZE = {"mnist": 28, "fashion-mnist": 28, "usps": 16, "cifar10": 32, "stl10": 48,
@@ -116,9 +119,14 @@ def add_common_args(p, script):
     g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many generator steps")
     g.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop after this much training-loop wall time (data loading not counted)")
-    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (torch only)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of every random draw (torch only); the same run for any number of torchrun processes")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto: CUDA if present, else MPS, else CPU")
+    g.add_argument("--no-sync-bn", action="store_true",
+                   help="under torchrun on CUDA: BatchNorm statistics per process (over --batch-size / processes "
+                        "images) instead of over the whole batch (SyncBatchNorm, the default, so that N processes "
+                        "train the network one process would). CPU processes (gloo) cannot sync: always per process")
     g.add_argument("--no-amp", action="store_true",
                    help="train in float32 even where the hardware computes bfloat16 natively (CUDA with compute "
                         "capability >= 8, CPUs with AMX or AVX512-BF16), where bf16 autocast is the default")
@@ -152,7 +160,7 @@ def flags(args):
 
 # Flags a resumed run may change; everything else comes from the checkpoint.
 RESUMABLE = {"resume", "max_steps", "epochs", "max_minutes", "device", "out", "log_every", "sample_every",
-             "eval_every", "eval_samples", "no_amp", "data_root", "overwrite", "generate", "checkpoint"}
+             "eval_every", "eval_samples", "no_amp", "no_sync_bn", "data_root", "overwrite", "generate", "checkpoint"}
 
 
 def resume(args, script):
@@ -417,9 +425,11 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True)
 class Batches:
     """Endless batches in shuffled epochs on `device`; the shuffle of epoch e depends only on (seed, e).
 
-    So a resumed run that knows how many batches it has consumed (`position`) continues
-    with exactly the batches an uninterrupted run would have drawn. The last partial batch
-    of an epoch is dropped, as DataLoader(drop_last=True) does.
+    Under torchrun every process draws the same permutation and takes its own disjoint slice of each
+    batch (`batch_size` is the whole batch, over all processes). So a resumed run that knows how many
+    batches it has consumed (`position`) continues with exactly the batches an uninterrupted run would
+    have drawn, with any number of processes. The last partial batch of an epoch is dropped, as
+    DataLoader(drop_last=True) does.
 
     Data kept in host memory for a GPU (too large for it) is gathered into one of two
     pinned staging buffers and copied asynchronously: indexing a pinned tensor returns pageable
@@ -427,18 +437,20 @@ class Batches:
     host from refilling a buffer whose copy has not finished.
     """
 
-    def __init__(self, data, batch_size, seed, position=0, device=None, memory_format=torch.contiguous_format):
+    def __init__(self, data, batch_size, seed, position=0, device=None, memory_format=torch.contiguous_format,
+                 rank=0, world=1):
         if batch_size > len(data):
             raise UsageError(f"--batch-size {batch_size} is larger than the dataset ({len(data)} images)")
         self.data, self.batch_size, self.seed, self.position = data, batch_size, seed, position
+        self.rank, self.world, self.local = rank, world, batch_size // world  # this process's share of a batch
         self.device = torch.device(device) if device is not None else data.images.device
         self.memory_format = memory_format
         self.per_epoch = len(data) // batch_size
         self._perm_epoch, self._perm = None, None
         self._staged = data.images.device.type == "cpu" and self.device.type == "cuda"
         if self._staged:
-            self._buffers = [(torch.empty((batch_size, *data.images.shape[1:]), dtype=torch.uint8).pin_memory(),
-                              torch.empty(batch_size, dtype=torch.int64).pin_memory(), torch.cuda.Event())
+            self._buffers = [(torch.empty((self.local, *data.images.shape[1:]), dtype=torch.uint8).pin_memory(),
+                              torch.empty(self.local, dtype=torch.int64).pin_memory(), torch.cuda.Event())
                              for _ in range(2)]
 
     @property
@@ -452,7 +464,8 @@ class Batches:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             self._perm = torch.randperm(len(self.data), generator=g).to(self.data.images.device)
             self._perm_epoch = epoch
-        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]  # the whole batch, as in one process
+        idx = idx[self.rank * self.local:(self.rank + 1) * self.local]  # under torchrun: this process's share
         self.position += 1
         if self._staged:
             x_pin, y_pin, done = self._buffers[self.position % 2]
@@ -736,17 +749,44 @@ class Evaluator:
 # Devices, precision and random streams
 # ----------------------------------------------------------------------------------------------
 
-def pick_device(name="auto"):
-    """`auto` -> CUDA when present, else Apple MPS, else CPU. Turns on cuDNN autotuning on CUDA."""
+def pick_device(name="auto", local_rank=None):
+    """`auto` -> CUDA when present, else Apple MPS, else CPU. Turns on cuDNN autotuning on CUDA.
+    Under torchrun (`local_rank` given): CUDA device `local_rank` of this machine, or the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        if local_rank is not None and name == "mps":
+            name = "cpu"  # no multi-process backend drives MPS: several CPU processes (gloo)
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but torch sees no CUDA device")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UsageError("--device mps asked for, but torch sees no MPS device")
+    if name == "mps" and local_rank is not None:
+        raise UsageError("torchrun with --device mps: PyTorch has no process-group backend for MPS; "
+                         "run one process (python SCRIPT.py), or --device cpu")
     if name == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+        if local_rank is not None:
+            if local_rank >= torch.cuda.device_count():
+                raise UsageError(f"torchrun started local rank {local_rank}, but this machine has "
+                                 f"{torch.cuda.device_count()} CUDA devices: --nproc_per_node at most that")
+            torch.cuda.set_device(local_rank)
+            return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def distributed_env():
+    """(rank, number of processes, local rank) as torchrun sets them; (0, 1, None) for a plain `python` run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, None
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_distributed(device):
+    """Join torchrun's process group: NCCL between CUDA devices, gloo between CPU processes."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
 
 
 def cpu_bf16_units():
@@ -795,17 +835,28 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state():
-    return {"cpu": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+def rng_state(device="cpu"):
+    """The CPU generator's state and that of the training device, the one this process draws from (under
+    torchrun, every process's device generator is in the same state: see Run.randn)."""
+    device = torch.device(device)
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device="cpu"):
+    """Restore rng_state()'s CPU state, and its device state into this process's device of the same type."""
+    device = torch.device(device)
     torch.set_rng_state(state["cpu"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if state.get("mps") is not None and torch.backends.mps.is_available():
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # checkpoints before one state per process: every device's state
+        cuda = cuda[0] if cuda else None
+    if device.type == "cuda" and cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+    if device.type == "mps" and state.get("mps") is not None:
         torch.mps.set_rng_state(state["mps"])
 
 
@@ -870,11 +921,16 @@ class Meter:
     def __len__(self):
         return len(self.sums)
 
-    def read(self):
+    def read(self, world=1):
+        """Each statistic's mean; under torchrun (world > 1) also averaged over the processes (a collective:
+        every process calls it at the same step, with the same statistics)."""
         keys = list(self.sums)
-        values = torch.stack([(self.sums[k] / self.counts[k]).to(self.sums[keys[0]].device) for k in keys]).tolist()
+        values = torch.stack([(self.sums[k] / self.counts[k]).to(self.sums[keys[0]].device) for k in keys])
+        if world > 1:
+            dist.all_reduce(values)
+            values /= world
         self.sums, self.counts = {}, {}
-        return dict(zip(keys, values))
+        return dict(zip(keys, values.tolist()))
 
 
 RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "progress.gif", "generated.npz")
@@ -915,11 +971,25 @@ class Run:
     in eval mode; Run draws the noise for grids, evaluation and figures. A fresh run refuses an
     --out that already holds a run unless --overwrite; a resumed run drops the log rows and
     sample grids written after its checkpoint, so no step appears twice.
+
+    Under torchrun (several processes, one device each) the same script trains one model: `distribute`
+    wraps the networks in DDP, each process takes its share of every batch (`--batch-size` is the whole
+    batch) and of every noise draw (`randn`, `rand`, `randint`: the whole draw is made in every process,
+    each keeps its slice, so the run is the same for any number of processes), the processes agree on
+    stopping at log steps, and rank 0 alone writes, samples and evaluates, with the plain networks.
     """
 
     def __init__(self, args, script):
         args, self.state = resume(args, script)
-        self.device = pick_device(args.device)
+        self.rank, self.world, local_rank = distributed_env()
+        self.device = pick_device(args.device, local_rank)
+        if self.world > 1:
+            init_distributed(self.device)
+            if args.batch_size % self.world:
+                raise UsageError(f"--batch-size {args.batch_size} (the whole batch) does not split evenly over "
+                                 f"{self.world} processes")
+        # SyncBatchNorm needs CUDA (PyTorch has none for CPU processes)
+        self.sync_bn = self.world > 1 and self.device.type == "cuda" and not args.no_sync_bn
         self.amp_dtype, self.precision = precision(self.device, not args.no_amp)
         if self.device.type == "cuda":  # cuDNN convolutions default to TF32 on Ampere: --no-amp means float32
             torch.backends.cudnn.allow_tf32 = not args.no_amp
@@ -935,25 +1005,33 @@ class Run:
         self.saved_step = self.step if self.state else None  # the checkpoint on disk
         self.metrics, self._eval_step, self.meter = {}, None, Meter()
         self.interrupted, self._old_handler, self._last_print = False, None, 0.0
-        self.tty = sys.stdout.isatty()
-        self._check_dir()
-        seed_everything(args.seed)
+        self.tty = sys.stdout.isatty() and self.rank == 0
+        error = self._check_dir() if self.rank == 0 else None
+        if self.world > 1:  # every process stops on rank 0's --out error, not only rank 0
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise UsageError(error)
+        seed_everything(args.seed)  # the same in every process: the same initial networks
 
     def _check_dir(self):
+        """The --out problem in words, or None."""
         existed = self.dir.exists()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UsageError(f"cannot create --out {self.dir} ({e.strerror or type(e).__name__})") from None
+            return f"cannot create --out {self.dir} ({e.strerror or type(e).__name__})"
         if not os.access(self.dir, os.W_OK):
-            raise UsageError(f"cannot write into --out {self.dir}")
+            return f"cannot write into --out {self.dir}"
         used = any((self.dir / f).exists() for f in RUN_FILES[:3])
         resuming_here = self.state is not None and self.dir.resolve() == Path(self.args.resume).resolve().parent
-        if used and not resuming_here and not self.args.overwrite:
-            raise UsageError(f"--out {self.dir} already holds a run: choose another --out, continue it with "
-                             f"--resume {self.dir / 'checkpoint.pt'}, or replace it with --overwrite")
         if not existed:  # made again by start(): a run that fails before (bad data, size) leaves no empty folder
             self.dir.rmdir()
+        if used and not resuming_here and not self.args.overwrite:
+            return (f"--out {self.dir} already holds a run: choose another --out, continue it with "
+                    f"--resume {self.dir / 'checkpoint.pt'}, or replace it with --overwrite")
+        return None
 
     def restore(self, data, **objects):
         """Remember what checkpoint.pt holds (models, optimisers, schedulers: anything with a state_dict);
@@ -966,10 +1044,49 @@ class Run:
                     load_optimizer(obj, self.state[name])
                 else:
                     obj.load_state_dict(self.state[name])
-            set_rng_state(self.state["rng"])  # last: building the networks drew from the RNG
+            set_rng_state(self.state["rng"], self.device)  # last: building the networks drew from the RNG
             position = self.state["position"]
-        self.batches = Batches(data, self.args.batch_size, self.args.seed, position, self.device, self.memory_format)
+        self.batches = Batches(data, self.args.batch_size, self.args.seed, position, self.device, self.memory_format,
+                               self.rank, self.world)
         return self.batches
+
+    def distribute(self, net):
+        """`net` wrapped in DistributedDataParallel under torchrun (its gradients averaged over the processes in
+        backward), `net` itself in a single process. Call after `restore`; keep using `net` itself wherever no
+        gradient of its weights is wanted (the G step's pass through D, sampling). No buffer sync per forward: the
+        processes' buffers stay equal by construction (SyncBatchNorm statistics; spectral norm's u, updated by
+        the same power iteration from the same weights), and rank 0 may then sample alone without a collective."""
+        if self.world == 1:
+            return net
+        if self.sync_bn:  # in place: `net`'s BatchNorms become SyncBatchNorms, with the same parameters
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})  # the older name (torch < 2.14)
+        return DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None, **no_sync)
+
+    def per_process(self, n, what="--batch-size"):
+        """This process's share of a batch of n (n itself in a single process)."""
+        if n % self.world:
+            raise UsageError(f"{what} {n} does not split evenly over {self.world} processes")
+        return n // self.world
+
+    def _share(self, x):
+        k = self.per_process(x.shape[0], "a batch of")
+        return x[self.rank * k:(self.rank + 1) * k]
+
+    def randn(self, n, *shape):
+        """Normal noise for a batch of n (the whole batch): this process's rows of one draw that every process
+        makes alike, so N processes see together exactly the noise one process would."""
+        return self._share(torch.randn(n, *shape, device=self.device))
+
+    def rand(self, n, *shape):
+        """Uniform [0, 1) draws for a batch of n, shared out as `randn`."""
+        return self._share(torch.rand(n, *shape, device=self.device))
+
+    def randint(self, high, n):
+        """Labels in [0, high) for a batch of n, shared out as `randn`."""
+        return self._share(torch.randint(0, high, (n,), device=self.device))
 
     def autocast(self):
         """bf16 autocast where `precision` chose it, else a no-op."""
@@ -990,8 +1107,14 @@ class Run:
             self.fixed_z, self.fixed_y = self.noise(64, g), None
         if self.state is not None:
             self.fixed_z = self.state["fixed_z"].to(self.device)
-        self.evaluator = Evaluator(self.data, self.args.data_root, self.device, self.args.eval_samples, self.args.seed)
-        self._prepare_dir()
+        if self.rank == 0:  # rank 0 alone evaluates and writes
+            self.evaluator = Evaluator(self.data, self.args.data_root, self.device, self.args.eval_samples,
+                                       self.args.seed)
+            self._prepare_dir()
+            if self.world > 1:
+                print(f"{self.script}: {self.world} processes ({self.device.type}, "
+                      f"{'SyncBatchNorm' if self.sync_bn else 'BatchNorm statistics per process'}), "
+                      f"{self.batches.local} images per process of each --batch-size {self.args.batch_size}", flush=True)
         return self.step
 
     def noise(self, n, generator=None):
@@ -1022,7 +1145,7 @@ class Run:
         self._paused = self._paused_log = 0.0
         self.first_step, self._step_log, self._pos_log = self.step, self.step, self.batches.position
         self.max_seconds = None if self.args.max_minutes is None else 60 * self.args.max_minutes
-        if self.state is None:
+        if self.state is None and self.rank == 0:
             self._save()
         try:  # Ctrl-C only raises a flag: the loop finishes its step, then the run saves and exits 130
             self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
@@ -1038,8 +1161,16 @@ class Run:
         return time.time() - self.t0
 
     def should_stop(self, step):
-        return (step >= self.total or self.interrupted
-                or (self.max_seconds is not None and self.elapsed() >= self.max_seconds))
+        if step >= self.total:
+            return True
+        if self.world > 1 and step % self.args.log_every:  # processes agree on the clock and Ctrl-C at log steps
+            return False
+        stop = self.interrupted or (self.max_seconds is not None and self.elapsed() >= self.max_seconds)
+        if self.world > 1:  # one process's clock or Ctrl-C stops them all at the same step
+            flag = torch.tensor([float(stop)], device=self.device)
+            dist.all_reduce(flag, dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
 
     def end_step(self, step, **stats):
         """After each generator step: collect the step's statistics (tensors, left on the device), then log,
@@ -1048,6 +1179,8 @@ class Run:
         self.meter.add(**stats)
         if step % self.args.log_every == 0:
             self._log_stats()
+        if self.rank:  # the others go on training while rank 0 saves and evaluates
+            return
         if step % self.args.sample_every == 0:
             self._save()
         if self.args.eval_every and step % self.args.eval_every == 0 and step < self.total:
@@ -1063,15 +1196,19 @@ class Run:
             try:
                 if len(self.meter):  # the steps after the last log step
                     self._log_stats()
-                if self.step != self.saved_step:
+                if self.step != self.saved_step and self.rank == 0:
                     self._save()
             except Diverged as e:
                 kind, err = Diverged, e
+        if kind is Diverged and self.rank:
+            raise SystemExit(1) from None
         if kind is Diverged:
             self._plots()
             print(f"{self.script}.py: error: {err}; stopped. Last good checkpoint: {self.dir / 'checkpoint.pt'} "
                   f"(step {self.saved_step})", file=sys.stderr)
             raise SystemExit(1) from None
+        if kind is None and self.interrupted and self.rank:
+            raise SystemExit(130)
         if kind is None and self.interrupted:
             self._plots()
             print(f"{self.script}.py: interrupted at step {self.step}; checkpoint and plots in {self.dir}", file=sys.stderr)
@@ -1079,13 +1216,15 @@ class Run:
         return False
 
     def _log_stats(self):
-        stats = self.meter.read()  # the one host sync of a log step
-        check_finite(self.step, stats)
+        stats = self.meter.read(self.world)  # the one host sync of a log step (averaged over the processes)
+        check_finite(self.step, stats)  # the same verdict in every process
         self.log(stats, rate=True)
 
     def log(self, record, rate=False):
         """Append one JSON line: step, epoch, the record, elapsed time and, for training statistics, the
-        real images/s since the last such line (time spent saving and evaluating not counted)."""
+        real images/s since the last such line (time spent saving and evaluating not counted). Rank 0 only."""
+        if self.rank:
+            return
         now = time.time()
         record = {"step": self.step, "epoch": self.batches.epoch, **record}
         if rate and self.step > self._step_log:
@@ -1127,7 +1266,7 @@ class Run:
             "script": self.script, "args": flags(self.args), "step": self.step, "position": self.batches.position,
             "data": {"channels": data.channels, "image_size": data.image_size, "num_classes": data.num_classes,
                      "conditional": bool(self.num_classes)},
-            "rng": rng_state(), "fixed_z": self.fixed_z,
+            "rng": rng_state(self.device), "fixed_z": self.fixed_z,
             **{k: v.state_dict() for k, v in self.objects.items()}})
         self.saved_step = self.step
         save_grid(self.sample(self.fixed_z, self.fixed_y), self.dir / "samples" / f"step_{self.step:07d}.png",
@@ -1154,7 +1293,10 @@ class Run:
 
     def finish(self):
         """Final evaluation (unless this step was just evaluated), plots, interpolation.png, predictions.png
-        (MNIST-like data), and the one-line summary. Returns the run directory."""
+        (MNIST-like data), and the one-line summary. Returns the run directory. Rank 0 only."""
+        if self.rank:
+            dist.destroy_process_group()
+            return self.dir
         metrics = self.metrics if self._eval_step == self.step else self._evaluate()
         self._plots()
         g = torch.Generator(self.device).manual_seed(self.args.seed + 3)
@@ -1178,6 +1320,8 @@ class Run:
             reason = f"done (--epochs {self.args.epochs} reached)"
         print(f"{self.script}: {reason} at step {self.step} (epoch {self.batches.epoch}, {self.elapsed() / 60:.1f} min, "
               f"{self.precision}) {summary or 'no metrics'} [{source}] -> {self.dir}", flush=True)
+        if self.world > 1:
+            dist.destroy_process_group()
         return self.dir
 
 

@@ -200,6 +200,7 @@ def train(args):
     opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2), fused=run.fused)
     opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2), fused=run.fused)
     batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # with --resume: their saved states
+    G_ddp, D_ddp = run.distribute(G), run.distribute(D)  # under torchrun: DDP, gradients averaged; else G, D
     total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
     step = run.start(total, lambda z, y: sample_images(G, z), latent_dim=args.latent_dim, panels=[
         ("losses", ["loss_d", "loss_g"]),
@@ -213,22 +214,24 @@ def train(args):
             # D step: minimise softplus(-D(x)) + softplus(D(G(z)))  (Goodfellow et al. 2014, Eq. 1)
             for _ in range(args.n_dis):
                 real, _ = batches.next()
-                z = torch.randn(real.shape[0], args.latent_dim, device=device)
+                z = run.randn(args.batch_size, args.latent_dim)  # under torchrun: this process's share
                 with run.autocast():
                     with torch.no_grad():  # D's step must not push gradients into G: record no graph for G at all
                         fake = G(z)
-                    real_logits, fake_logits = D(real).float(), D(fake).float()  # the loss in float32
+                    # Two forwards (BatchNorm sees all-real and all-fake batches, as the paper's); loss in float32
+                    real_logits, fake_logits = D_ddp(real).float(), D_ddp(fake).float()
                 loss_d = d_loss(real_logits, fake_logits)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
 
             # G step: minimise softplus(-D(G(z))), the non-saturating loss (Goodfellow et al. 2014, Sec. 3)
+            # Through D itself, not D_ddp: D is frozen here, and DDP would wait for D gradients that never come.
             D.requires_grad_(False)  # gradients flow through D to G, but D's own weight gradients are not needed
             for _ in range(args.n_gen):
-                z = torch.randn(args.batch_size, args.latent_dim, device=device)
+                z = run.randn(args.batch_size, args.latent_dim)
                 with run.autocast():
-                    fake_logits_g = D(G(z)).float()
+                    fake_logits_g = D(G_ddp(z)).float()
                 loss_g = g_loss(fake_logits_g)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()

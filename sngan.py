@@ -415,7 +415,9 @@ def train(args):
     sched_g, sched_d = torch.optim.lr_scheduler.LambdaLR(opt_g, decay), torch.optim.lr_scheduler.LambdaLR(opt_d, decay)
     objects = dict(G=G, D=D, opt_g=opt_g, opt_d=opt_d, sched_g=sched_g, sched_d=sched_d)
     batches = run.restore(data, **objects, **({"G_ema": ema} if ema else {}))  # with --resume: their saved states
+    G_ddp, D_ddp = run.distribute(G), run.distribute(D)  # under torchrun: DDP, gradients averaged; else G, D
     g_batch = args.g_batch_size or 2 * args.batch_size
+    run.per_process(g_batch, "--g-batch-size")  # under torchrun: it must split evenly, like --batch-size
     sigmas = [f"sigma_{i}" for i in range(len(sn_layers(D)))]
     step = run.start(total, lambda z, y: sample_images(ema.ready() if ema else G, z, y), latent_dim=args.latent_dim,
                      num_classes=K or None, panels=[
@@ -431,27 +433,28 @@ def train(args):
             # D step: minimise the --loss's D objective on real (x, y) and fake (G(z, y'), y')
             for _ in range(args.n_dis):
                 real, y_real = batches.next()
-                z = torch.randn(real.shape[0], args.latent_dim, device=device)
-                y_fake = torch.randint(0, K, (real.shape[0],), device=device) if K else None
+                z = run.randn(args.batch_size, args.latent_dim)  # under torchrun: this process's share
+                y_fake = run.randint(K, args.batch_size) if K else None
                 with run.autocast():
                     with torch.no_grad():  # D's step must not push gradients into G: record no graph for G at all
                         fake = G(z, y_fake)
                     # One forward for both (D has no BatchNorm, so samples do not interact): one power iteration
                     # per D step. Outputs in float32 for the loss.
                     y_both = torch.cat([y_real, y_fake]) if K else None
-                    d_real, d_fake = D(torch.cat([real, fake.to(real.dtype)]), y_both).float().chunk(2)
+                    d_real, d_fake = D_ddp(torch.cat([real, fake.to(real.dtype)]), y_both).float().chunk(2)
                 loss_d = d_loss(d_real, d_fake, args.loss)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
 
             # G step: minimise -E[D(G(z, y), y)] (hinge, wasserstein) or softplus(-D(G(z, y), y)) (ns)
+            # Through D itself, not D_ddp: D is frozen here, and DDP would wait for D gradients that never come.
             D.requires_grad_(False)  # gradients flow through D to G; D's weight gradients are not needed
             for _ in range(args.n_gen):
-                z = torch.randn(g_batch, args.latent_dim, device=device)
-                y_g = torch.randint(0, K, (g_batch,), device=device) if K else None
+                z = run.randn(g_batch, args.latent_dim)
+                y_g = run.randint(K, g_batch) if K else None
                 with run.autocast():
-                    d_fake_g = D(G(z, y_g), y_g).float()
+                    d_fake_g = D(G_ddp(z, y_g), y_g).float()
                 loss_g = g_loss(d_fake_g, args.loss)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()

@@ -224,6 +224,7 @@ def train(args):
     opt_g = make_optimizer(args, G.parameters(), args.lr_g, run.fused)
     opt_d = make_optimizer(args, D.parameters(), args.lr_d, run.fused)
     batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # with --resume: their saved states
+    G_ddp, D_ddp = run.distribute(G), run.distribute(D)  # under torchrun: DDP, gradients averaged; else G, D
     warmup = args.warmup_critic == "on"
     # --epochs counts critic batches at n_dis per G step; the warm-up's extra critic steps come on top.
     total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
@@ -238,13 +239,13 @@ def train(args):
             # Critic steps: minimise E[D(G(z))] - E[D(x)], then clip the weights  (Algorithm 1, lines 2-8)
             for _ in range(critic_steps(step, args.n_dis, warmup)):
                 real, _ = batches.next()
-                z = torch.randn(real.shape[0], args.latent_dim, device=device)
+                z = run.randn(args.batch_size, args.latent_dim)  # under torchrun: this process's share
                 with run.autocast():
                     with torch.no_grad():  # the critic's step must not update G: record no graph for G at all
                         fake = G(z)
                     # Scores in float32: means of scores near 50 lose their last digits in bf16. Two forwards,
                     # not one: the critic's BatchNorm would otherwise mix real and fake statistics.
-                    real_scores, fake_scores = D(real).float(), D(fake).float()
+                    real_scores, fake_scores = D_ddp(real).float(), D_ddp(fake).float()
                 loss_d = critic_loss(real_scores, fake_scores)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
@@ -252,11 +253,12 @@ def train(args):
                 clip_weights(D, args.clip)
 
             # G step: minimise -E[D(G(z))]  (Algorithm 1, line 10)
+            # Through D itself, not D_ddp: D is frozen here, and DDP would wait for D gradients that never come.
             D.requires_grad_(False)  # gradients flow through the critic, its weights need none
             for _ in range(args.n_gen):
-                z = torch.randn(args.batch_size, args.latent_dim, device=device)
+                z = run.randn(args.batch_size, args.latent_dim)
                 with run.autocast():
-                    fake_scores_g = D(G(z)).float()
+                    fake_scores_g = D(G_ddp(z)).float()
                 loss_g = generator_loss(fake_scores_g)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()

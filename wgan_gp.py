@@ -215,15 +215,19 @@ def build_critic(args, channels):
 # Losses
 # ----------------------------------------------------------------------------------------------
 
-def gradient_penalty(critic, real, fake, one_sided=False):
+def gradient_penalty(critic, real, fake, one_sided=False, eps=None):
     """E[(||grad_x_hat D(x_hat)||_2 - 1)^2] on x_hat = eps real + (1 - eps) fake (Algorithm 1, lines 4-7).
 
-    Returns (penalty, per-sample gradient norms). eps is drawn once per sample, not per pixel,
-    so x_hat lies on the straight line between a real and a fake image; the norm is taken over
-    all non-batch dimensions (C, H, W) together; create_graph=True so that the penalty's own
-    gradient reaches the critic's weights.
+    Returns (penalty, per-sample gradient norms). eps ~ U[0, 1] is one number per sample (drawn here
+    unless given as a vector), not per pixel, so x_hat lies on the straight line between a real and a
+    fake image; the norm is taken over all non-batch dimensions (C, H, W) together; create_graph=True
+    so that the penalty's own gradient reaches the critic's weights. Under DDP the double backward
+    works because autograd.grad asks for the gradient of x_hat only: the weights' gradient hooks, which
+    DDP's all-reduce hangs on, fire once, in the loss's backward.
     """
-    eps = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), device=real.device, dtype=real.dtype)
+    if eps is None:
+        eps = torch.rand(real.shape[0], device=real.device)
+    eps = eps.view(-1, *([1] * (real.dim() - 1))).to(real.dtype)  # one per sample, broadcast over C, H, W
     x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=True)
     norm = grad.flatten(1).norm(2, dim=1)
@@ -264,6 +268,7 @@ def train(args):
     opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2), fused=run.fused)
     opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2), fused=run.fused)
     batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # with --resume: their saved states
+    G_ddp, D_ddp = run.distribute(G), run.distribute(D)  # under torchrun: DDP, gradients averaged; else G, D
     total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
     step = run.start(total, lambda z, y: sample_images(G, z), latent_dim=args.latent_dim, panels=[
         ("losses", ["loss_d", "loss_g"]),
@@ -276,16 +281,17 @@ def train(args):
             # Critic steps: minimise E[D(G(z))] - E[D(x)] + lambda * GP (+ drift * E[D(x)^2])  (Algorithm 1, lines 2-9)
             for _ in range(args.n_dis):
                 real, _ = batches.next()
-                z = torch.randn(real.shape[0], args.latent_dim, device=device)
+                z = run.randn(args.batch_size, args.latent_dim)  # under torchrun: this process's share
                 with run.autocast():
                     with torch.no_grad():  # the critic's step must not update G: record no graph for G at all
                         fake = G(z)
                     # One forward for real and fake: the critic has no BatchNorm, so samples do not interact.
                     # Scores in float32: means of scores near 50 lose their last digits in bf16.
-                    real_scores, fake_scores = D(torch.cat([real, fake.to(real.dtype)])).float().chunk(2)
+                    real_scores, fake_scores = D_ddp(torch.cat([real, fake.to(real.dtype)])).float().chunk(2)
                 loss_w = critic_loss(real_scores, fake_scores)
                 # The penalty differentiates through a gradient: kept in float32 even under autocast.
-                gp, grad_norm = gradient_penalty(D, real, fake.float(), args.one_sided)
+                gp, grad_norm = gradient_penalty(D_ddp, real, fake.float(), args.one_sided,
+                                                 eps=run.rand(args.batch_size))  # torchrun: this process's share
                 loss_d = loss_w + args.gp_weight * gp
                 if args.drift:
                     loss_d = loss_d + args.drift * (real_scores ** 2).mean()
@@ -294,11 +300,12 @@ def train(args):
                 opt_d.step()
 
             # G step: minimise -E[D(G(z))]  (Algorithm 1, line 11)
+            # Through D itself, not D_ddp: D is frozen here, and DDP would wait for D gradients that never come.
             D.requires_grad_(False)  # gradients flow through the critic, its weights need none
             for _ in range(args.n_gen):
-                z = torch.randn(args.batch_size, args.latent_dim, device=device)
+                z = run.randn(args.batch_size, args.latent_dim)
                 with run.autocast():
-                    fake_scores_g = D(G(z)).float()
+                    fake_scores_g = D(G_ddp(z)).float()
                 loss_g = generator_loss(fake_scores_g)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()

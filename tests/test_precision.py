@@ -68,9 +68,9 @@ def test_gradient_penalty_is_computed_in_float32(native_bf16, monkeypatch, tmp_p
     seen = []
     real_gp = wgan_gp.gradient_penalty
 
-    def spy(critic, real, fake, one_sided=False):
+    def spy(critic, real, fake, one_sided=False, eps=None):
         seen.append((real.dtype, fake.dtype, torch.is_autocast_enabled("cpu")))
-        return real_gp(critic, real, fake, one_sided)
+        return real_gp(critic, real, fake, one_sided, eps)
     monkeypatch.setattr(wgan_gp, "gradient_penalty", spy)
     assert run_script(wgan_gp, FAST + ["--max-steps", "1", "--n-dis", "2", "--out", tmp_path / "r",
                                        "--data-root", data_root])[0] == 0

@@ -1,0 +1,68 @@
+"""Run a script's main() as users do (under torchrun or alone), with test-only changes set by environment variables:
+
+    PROBE_NO_BATCHNORM=1    every BatchNorm is an identity (so N processes can equal one: BatchNorm statistics over
+                            a process's share differ from those over the whole batch, and CPUs have no SyncBatchNorm)
+    PROBE_DUMP=DIR          every process writes DIR/start<r>.pt and DIR/rank<r>.pt: its G and D states when
+                            training starts and at the end
+    PROBE_FAIL=RANK:STEP    that process raises at that step (a crashing process must end every process)
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_probe.py SCRIPT [flags]
+"""
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+
+if os.environ.get("PROBE_NO_BATCHNORM"):
+    class NoBatchNorm(nn.Module):
+        """BatchNorm's scale and shift without its batch statistics."""
+
+        def __init__(self, channels, eps=1e-5, momentum=0.1, affine=True):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+            self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
+
+        def forward(self, x):
+            if self.weight is None:
+                return x
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return x * self.weight.view(shape) + self.bias.view(shape)
+    nn.BatchNorm1d = nn.BatchNorm2d = NoBatchNorm
+
+if os.environ.get("PROBE_FAIL"):
+    fail_rank, fail_step = map(int, os.environ["PROBE_FAIL"].split(":"))
+    end_step = common.Run.end_step
+
+    def failing_end_step(self, step, **stats):
+        if self.rank == fail_rank and step == fail_step:
+            raise RuntimeError(f"probe: rank {self.rank} fails at step {step}")
+        return end_step(self, step, **stats)
+    common.Run.end_step = failing_end_step
+
+if os.environ.get("PROBE_DUMP"):
+    restore, finish = common.Run.restore, common.Run.finish
+
+    def dump(self, name):
+        states = {k: {n: t.detach().cpu().clone() for n, t in v.state_dict().items()}
+                  for k, v in self._probe_objects.items() if k in ("G", "D")}
+        torch.save(states, Path(os.environ["PROBE_DUMP"]) / f"{name}{self.rank}.pt")
+
+    def keep_objects(self, data, **objects):
+        self._probe_objects = objects
+        batches = restore(self, data, **objects)
+        dump(self, "start")  # the states training starts from (after --resume's loading)
+        return batches
+
+    def dump_then_finish(self):
+        dump(self, "rank")
+        return finish(self)
+    common.Run.restore, common.Run.finish = keep_objects, dump_then_finish
+
+if __name__ == "__main__":
+    importlib.import_module(sys.argv[1]).main(sys.argv[2:])

@@ -1,0 +1,174 @@
+"""torchrun: two CPU processes (gloo) on --dataset fake train one model, with one run directory, and equal to one
+process on the same whole batches; checkpoints move between 1 and 2 processes; a crash or Ctrl-C ends them all.
+
+Each torchrun launch costs about 5-10 s here (three Python processes importing torch)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import common
+from conftest import ROOT
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+PROBE = str(ROOT / "tests" / "ddp_probe.py")
+BASE = ["--dataset", "fake", "--batch-size", "16", "--width", "4", "--eval-samples", "100", "--no-amp"]
+SCRIPT_FLAGS = {  # the configurations with the DDP traps: SN's u buffers and G's batch (sngan), the penalty's
+    # double backward (wgan_gp), two D forwards before one backward (dcgan, cgan, wgan_clip), labels (cgan, sngan)
+    "sngan": ["--arch", "cnn", "--n-dis", "2", "--conditional"],
+    "wgan_gp": ["--n-dis", "2"],
+    "dcgan": [],
+    "cgan": ["--d-cond", "projection"],
+    "wgan_clip": ["--warmup-critic", "off", "--n-dis", "2"],
+}
+
+
+def launch(argv, tmp_path, processes=2, env=None, timeout=180):
+    """Run `python SCRIPT.py argv` (processes=1) or the same under torchrun; return the CompletedProcess."""
+    cmd = (TORCHRUN if processes == 2 else [sys.executable]) + [str(a) for a in argv]
+    return subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def probe(script, argv, tmp_path, dump, processes, resume=None):
+    """tests/ddp_probe.py: the script's main() with BatchNorm's batch statistics removed (N processes' BatchNorms
+    see N smaller batches, and CPUs have no SyncBatchNorm) and each process's final G and D written to `dump`."""
+    dump.mkdir(exist_ok=True)
+    result = launch([PROBE, script] + argv, tmp_path, processes, {"PROBE_NO_BATCHNORM": "1", "PROBE_DUMP": str(dump)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(dump / f"rank{r}.pt") for r in range(processes)], torch.load(dump / "start0.pt")
+
+
+def max_gap(a, b):
+    return max((a[net][k].float() - b[net][k].float()).abs().max().item() for net in a for k in a[net])
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in ("cgan", "wgan_clip") else s
+                                    for s in SCRIPT_FLAGS])
+def test_two_processes_train_what_one_process_trains(script, tmp_path, data_root):
+    """3 steps on 2 processes x 8 images equal 3 steps of one process on the same 16 (same data slices, same
+    noise, gradients averaged by DDP), to float rounding, with rank 0 sampling and evaluating alone in between;
+    and both processes end with identical G and D, buffers included (spectral norm's u). Catches every process
+    drawing the same noise or the same images (a share not taken), gradients not averaged (G's step through a
+    plain G, a D step outside DDP), rank 0's sampling or evaluation shifting its random stream, buffers drifting
+    apart, and a hang: the G step through DDP's D, or the penalty's double backward, never finishes."""
+    argv = BASE + SCRIPT_FLAGS[script] + ["--max-steps", "3", "--log-every", "1", "--sample-every", "2",
+                                          "--eval-every", "2", "--data-root", data_root]
+    (one,), start = probe(script, argv + ["--out", "one"], tmp_path, tmp_path / "d1", 1)
+    (rank0, rank1), _ = probe(script, argv + ["--out", "two"], tmp_path, tmp_path / "d2", 2)
+    moved = max_gap(one, start)
+    assert moved > 1e-4, "training did not move the weights: the comparison would prove nothing"
+    assert max_gap(one, rank0) < 1e-3 * moved, (max_gap(one, rank0), moved)
+    assert all(torch.equal(rank0[net][k], rank1[net][k]) for net in rank0 for k in rank0[net]), "processes differ"
+    rows = common.read_metrics(tmp_path / "two" / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss_d" in r] == [1, 2, 3]  # one line per log step, not one per process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d1", "d2", "one", "two"]
+
+
+def test_a_checkpoint_moves_between_one_and_two_processes(tmp_path, data_root):
+    """2 processes for 2 steps, then resumed in one process for 2 more, end where one process running all 4 ends
+    (and 1 -> 2 likewise): the data position, the noise stream and the optimiser states carry over. Catches a
+    checkpoint holding one process's view (its share of the position, its device's random state)."""
+    argv = BASE + SCRIPT_FLAGS["sngan"] + ["--log-every", "1", "--sample-every", "2", "--eval-every", "0",
+                                           "--data-root", data_root, "--lr-decay", "none"]
+    (straight,), _ = probe("sngan", argv + ["--max-steps", "4", "--out", "straight"], tmp_path, tmp_path / "s", 1)
+    for first, second in ((2, 1), (1, 2)):
+        out = tmp_path / f"run{first}{second}"
+        probe("sngan", argv + ["--max-steps", "2", "--out", out], tmp_path, tmp_path / f"a{first}", first)
+        resumed, _ = probe("sngan", ["--resume", out / "checkpoint.pt", "--max-steps", "4"], tmp_path,
+                           tmp_path / f"b{first}{second}", second)
+        moved = max_gap(straight, torch.load(tmp_path / f"a{first}" / "rank0.pt"))
+        assert max_gap(straight, resumed[0]) < 1e-3 * moved, (first, second)
+
+
+def test_torchrun_run_has_one_directory_and_generate_needs_no_torchrun(tmp_path, data_root):
+    """The real script under torchrun (BatchNorm per process): exit 0, one run directory with every promised file,
+    one summary line (rank 0 speaks), the log's images/s counting the whole batch; --generate from its checkpoint
+    in a plain process. Catches every process writing (duplicated lines, racing files) or none."""
+    out = tmp_path / "run"
+    r = launch(["sngan.py"] + BASE + SCRIPT_FLAGS["sngan"] + ["--max-steps", "4", "--log-every", "2",
+               "--sample-every", "2", "--eval-every", "2", "--data-root", data_root, "--out", out], ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("sngan: done") == 1 and "2 processes" in r.stdout
+    for f in ("args.json", "metrics.jsonl", "checkpoint.pt", "losses.png", "progress.gif", "samples/step_0000004.png"):
+        assert (out / f).exists(), f
+    rows = common.read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss_d" in r] == [2, 4] and len([r for r in rows if "cls_fid" in r]) == 2
+    assert json.loads((out / "args.json").read_text())["batch_size"] == 16
+    assert common.load_checkpoint(out / "checkpoint.pt", "sngan")["position"] == 8  # 4 steps x n_dis 2 batches
+    g = launch(["sngan.py", "--generate", "20", "--checkpoint", out / "checkpoint.pt", "--out", tmp_path / "gen"],
+               ROOT, processes=1)
+    assert g.returncode == 0, g.stderr
+    assert np.load(tmp_path / "gen" / "generated.npz")["images"].shape == (20, 1, 28, 28)
+
+
+def test_a_crashing_process_ends_every_process(tmp_path, data_root):
+    """Process 1 raises at step 3: torchrun ends process 0 too (no hang: the timeout would fail the test) and exits
+    non-zero; the checkpoint of step 2 is intact."""
+    out = tmp_path / "run"
+    r = launch([PROBE, "sngan"] + BASE + SCRIPT_FLAGS["sngan"] + ["--max-steps", "1000", "--sample-every", "2",
+               "--eval-every", "0", "--data-root", data_root, "--out", out], tmp_path,
+               env={"PROBE_FAIL": "1:3"}, timeout=120)
+    assert r.returncode != 0
+    assert common.load_checkpoint(out / "checkpoint.pt", "sngan")["step"] == 2
+
+
+def test_ctrl_c_ends_every_process_at_one_step_and_keeps_the_checkpoint(tmp_path, data_root):
+    """Ctrl-C (SIGINT to torchrun, which passes it on) during a long run: both processes stop at the same log step
+    (they agree there), rank 0 saves that step, and everything exits within seconds. Catches a process that goes
+    on alone and waits forever in its next all-reduce."""
+    out = tmp_path / "run"
+    cmd = TORCHRUN + ["sngan.py"] + BASE + SCRIPT_FLAGS["sngan"] + [
+        "--max-steps", "100000", "--max-minutes", "5", "--log-every", "5", "--sample-every", "1000",
+        "--eval-every", "0", "--data-root", str(data_root), "--out", str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        def logged_step():
+            path = out / "metrics.jsonl"
+            return max([r["step"] for r in common.read_metrics(path) if "loss_d" in r] or [0]) if path.exists() else 0
+        deadline = time.time() + 120
+        while time.time() < deadline and logged_step() < 20:
+            time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert "interrupted at step" in err
+    state = common.load_checkpoint(out / "checkpoint.pt", "sngan")
+    assert state["step"] >= 20 and state["step"] % 5 == 0, state["step"]
+
+
+def test_bad_input_under_torchrun_is_one_line_from_each_process(tmp_path, data_root):
+    """A --batch-size that does not split over the processes: exit non-zero, the one-line reason, no traceback of
+    ours, and no run directory."""
+    r = launch(["sngan.py"] + BASE + ["--batch-size", "15", "--data-root", data_root, "--out", tmp_path / "run"], ROOT)
+    assert r.returncode != 0
+    assert "--batch-size 15 (the whole batch) does not split evenly over 2 processes" in r.stderr
+    assert 'File "' + str(ROOT / "common.py") not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_devices_under_torchrun(monkeypatch):
+    """One CUDA device per local rank (set as the current device), MPS refused in words (PyTorch has no process
+    group backend for it), `auto` on a Mac falls back to CPU processes, a local rank beyond the machine's GPUs is
+    refused. Mocked: this machine has no GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert common.pick_device("auto", 1) == torch.device("cuda", 1) and chosen == [1]
+    with pytest.raises(common.UsageError, match="2 CUDA devices"):
+        common.pick_device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert common.pick_device("auto", 0) == torch.device("cpu") and common.pick_device("auto") == torch.device("mps")
+    with pytest.raises(common.UsageError, match="no process-group backend for MPS"):
+        common.pick_device("mps", 0)
