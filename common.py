@@ -6,7 +6,7 @@ script). This file holds what every script does in the same way:
   command line  ArgumentParser, add_common_args, the argparse types    one-line errors, exit code 2
   data          load_dataset / Batches     a dataset as one uint8 tensor, batched by indexing onto the device
   networks      conv_plan, spectral_norm   DCGAN's size arithmetic; torch's SN with a chosen number of iterations
-  evaluation    Evaluator                  classifier-IS/FID for MNIST-like data, Inception IS/FID when weights exist
+  evaluation    Evaluator, score           classifier-IS/FID for MNIST-like data; torch-fidelity's IS/FID/KID for RGB
                 inception_score, frechet_distance, feature_stats   the mathematics, tested on known inputs
   devices       pick_device, precision     CUDA/MPS/CPU, and bf16 autocast only where the hardware computes bf16
   processes     distributed_env, Run.distribute   torchrun: one device per process, DDP, rank 0 writes
@@ -15,7 +15,8 @@ script). This file holds what every script does in the same way:
   pictures      save_grid, make_gif, plot_metrics, save_predictions, interpolate;  generate (--generate)
 
 Run `python common.py --dataset fashion-mnist` to train and cache the evaluation classifier
-(the scripts do it on first use otherwise) and print its test accuracy.
+(the scripts do it on first use otherwise) and print its test accuracy, and
+`python common.py score --dataset cifar10 --samples generated.npz` to score any samples as a run does.
 """
 
 import argparse
@@ -137,6 +138,12 @@ def add_common_args(p, script):
     g.add_argument("--sample-every", type=positive_int, default=500, help="steps between sample grids and checkpoints")
     g.add_argument("--eval-every", type=nonneg_int, default=2000, help="steps between evaluations (0: only at the end)")
     g.add_argument("--eval-samples", type=positive_int, default=10000, help="generated images per evaluation")
+    g.add_argument("--eval-real", type=positive_int, default=None,
+                   help="real training images each evaluation compares against (default: as many as --eval-samples; "
+                        "the SNGAN paper's FID: 10000 real vs 5000 generated, later tables 50000 vs 50000)")
+    g.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help=f"local copy of torch-fidelity's TF-ported Inception weights ({INCEPTION_FILE}) for IS/FID/KID "
+                        "on RGB data; default: torch-fidelity's download (its torch hub cache when offline)")
     g.add_argument("--resume", default=None, metavar="PATH",
                    help="continue from a checkpoint.pt with its settings; only the length, device, output and "
                         "logging flags you type may change them")
@@ -160,7 +167,8 @@ def flags(args):
 
 # Flags a resumed run may change; everything else comes from the checkpoint.
 RESUMABLE = {"resume", "max_steps", "epochs", "max_minutes", "device", "out", "log_every", "sample_every",
-             "eval_every", "eval_samples", "no_amp", "no_sync_bn", "data_root", "overwrite", "generate", "checkpoint"}
+             "eval_every", "eval_samples", "eval_real", "inception_weights", "no_amp", "no_sync_bn", "data_root",
+             "overwrite", "generate", "checkpoint"}
 
 
 def resume(args, script):
@@ -629,34 +637,52 @@ def get_classifier(dataset, data_root, device):
     return net
 
 
-def load_inception(device):
-    """torchvision's Inception-v3 (ImageNet weights) as (features 2048-d, class probs), or None.
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name for the TF-ported weights
 
-    Loads from torch's hub cache, downloading when online. These weights are torchvision's,
-    not the TF 2015 graph of the original IS/FID code, so our numbers rank runs reliably but
-    are not digit-for-digit comparable with papers' tables.
-    """
+
+def load_inception(weights, device):
+    """torch-fidelity's `inception-v3-compat`: the Inception-v3 graph and weights of the original TF IS/FID
+    code, ported to PyTorch, whose IS/FID/KID match the TF reference to about 1e-3 (so they compare with
+    papers' tables). Returns (network taking uint8 images -> (2048-d pool features, 1008 unbiased logits)
+    or None, the words for the evaluation records). `weights`: a local copy of its weights file (else
+    torch-fidelity's download, from the torch hub cache when offline)."""
     try:
-        import torchvision.models as tvm
-        net = tvm.inception_v3(weights=tvm.Inception_V3_Weights.IMAGENET1K_V1, progress=False)
-    except Exception:
-        return None
-    net.eval().to(device)
-    feats = {}
-    net.avgpool.register_forward_hook(lambda m, i, o: feats.__setitem__("pool", o.flatten(1)))
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    except ImportError:
+        return None, "IS/FID/KID skipped: torch-fidelity is not installed (pip install torch-fidelity)"
+    try:
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                          feature_extractor_weights_path=weights, verbose=False)
+    except Exception as e:
+        if weights is not None:
+            raise UsageError(f"--inception-weights {weights} is not torch-fidelity's Inception weights file "
+                             f"({type(e).__name__})") from None
+        return None, (f"IS/FID/KID skipped: torch-fidelity's Inception weights could not be downloaded "
+                      f"({type(e).__name__}); pass --inception-weights PATH to a copy of {INCEPTION_FILE}")
+    return net.to(device), f"IS/FID/KID: torch-fidelity {_fidelity_version()} inception-v3-compat (TF Inception " \
+                           f"weights{', ' + Path(weights).name if weights else ''}), 2048-d pool features"
 
-    @torch.no_grad()
-    def run(x):  # x in [-1, 1], any size, 1 or 3 channels
-        x = x.to(device).float().add(1).div(2)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        logits = net((x - mean) / std)
-        # To the CPU first, then float64: MPS has no float64, and fp64 is slow on most GPUs.
-        return feats["pool"].cpu().double(), F.softmax(logits.float().cpu().double(), 1)
-    return run
+
+def _fidelity_version():
+    import torch_fidelity
+    return torch_fidelity.__version__
+
+
+def fidelity_metrics(gen_features, gen_logits, real_features, real_stats=None):
+    """IS, FID and KID with torch-fidelity's own functions and defaults (IS: 10 splits of the shuffled samples;
+    FID: float64 statistics; KID: 100 subsets of min(1000, N) samples, cubic polynomial kernel), so that the
+    numbers equal torch_fidelity.calculate_metrics on the same images. `real_stats` caches the real FID side."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    real_stats = real_stats or fid_features_to_statistics(real_features)
+    isc = isc_features_to_metric(gen_logits)
+    fid = fid_statistics_to_metric(fid_features_to_statistics(gen_features), real_stats, verbose=False)
+    kid = kid_features_to_metric(gen_features, real_features, verbose=False,
+                                 kid_subset_size=min(1000, len(gen_features), len(real_features)))
+    return {"is": isc["inception_score_mean"], "is_std": isc["inception_score_std"],
+            "fid": fid["frechet_inception_distance"],
+            "kid": kid["kernel_inception_distance_mean"], "kid_std": kid["kernel_inception_distance_std"]}
 
 
 class Evaluator:
@@ -664,23 +690,24 @@ class Evaluator:
 
     MNIST-like data (mnist, fashion-mnist, usps, fake): classifier-IS, classifier-FID (128-d
     penultimate features), the class histogram of the samples and, when the sampler says
-    which class it asked for, the conditional accuracy. Other data: Inception IS/FID when
-    the weights can be loaded. Every result carries `eval_source`, `n_gen`, `n_real` and
-    `real_split`: what produced it.
+    which class it asked for, the conditional accuracy. RGB data: IS, FID and KID through
+    torch-fidelity's TF-ported Inception (`load_inception`), when it and its weights are there.
+    Every result carries `eval_source`, `n_gen`, `n_real` and `real_split`: what produced it.
+    `n_samples` generated images against `n_real` real training images (default as many).
 
     Building it draws nothing from the run's random streams (CPU and device): the whole
     constructor runs under fork_rng, so whether the classifier is cached or trained now, or
     the Inception weights are in the hub cache, never changes a seeded run.
     """
 
-    def __init__(self, data, data_root, device, n_samples=10000, seed=0):
+    def __init__(self, data, data_root, device, n_samples=10000, seed=0, n_real=None, inception_weights=None):
         self.device, self.n, self.seed = torch.device(device), n_samples, seed
+        self.n_real = min(n_real or n_samples, len(data))
         with fork_rng(self.device):
-            self._build(data, data_root)
+            self._build(data, data_root, inception_weights)
 
-    def _build(self, data, data_root):
+    def _build(self, data, data_root, inception_weights):
         self.classifier, self.inception = None, None
-        self.n_real = min(self.n, len(data))
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))[:self.n_real]
         real = data.images[idx.to(data.images.device)]
         if data.name in DIGIT_LIKE:
@@ -691,13 +718,23 @@ class Evaluator:
             self.source = (f"cls_*: {data.name} CNN classifier (test acc {self.classifier.test_accuracy:.3f}), "
                            f"128-d features")
         else:
-            self.inception = load_inception(self.device)
-            if self.inception is None:
-                self.source = "IS/FID skipped: Inception-v3 weights not available offline"
-            else:
-                f = torch.cat([self.inception(to_float(real[i:i + 100]))[0] for i in range(0, self.n_real, 100)])
-                self.inc_real = feature_stats(f.numpy())
-                self.source = "IS/FID: torchvision Inception-v3 (ImageNet weights), 2048-d pool features"
+            self.inception, self.source = load_inception(inception_weights, self.device)
+            if self.inception is not None:
+                self.inc_real, _ = self._inception_features(real)
+                self.inc_real_stats = None
+
+    @torch.no_grad()
+    def _inception_features(self, images):
+        """(2048-d features, unbiased logits) of uint8 images, in float32 on the CPU (torch-fidelity's layout)."""
+        feats, logits = [], []
+        for i in range(0, images.shape[0], 100):
+            x = images[i:i + 100].to(self.device)
+            if x.shape[1] == 1:  # grayscale: the same image in R, G and B
+                x = x.expand(-1, 3, -1, -1)
+            f, g = self.inception(x)
+            feats.append(f.float().cpu())
+            logits.append(g.float().cpu())
+        return torch.cat(feats), torch.cat(logits)
 
     @torch.no_grad()
     def _classify(self, images):
@@ -727,7 +764,13 @@ class Evaluator:
             images.append(to_uint8(x).cpu())  # score what a user would save: 8-bit images
             if y is not None:
                 labels.append(y.cpu())
-        images = torch.cat(images)
+        return self.score(torch.cat(images), torch.cat(labels) if labels else None)
+
+    @torch.no_grad()
+    def score(self, images, labels=None):
+        """The metrics of uint8 images (N, C, H, W) (and the labels they were asked for, if any)."""
+        if self.classifier is None and self.inception is None:
+            return {}
         out, split_gen = {}, torch.Generator().manual_seed(self.seed + 2)
         if self.classifier is not None:
             feats, probs = self._classify(images)
@@ -735,13 +778,13 @@ class Evaluator:
             out["cls_is"], out["cls_is_std"] = inception_score(probs, 10, split_gen)
             pred = probs.argmax(1)
             out["cls_hist"] = (torch.bincount(pred, minlength=probs.shape[1]).double() / len(pred)).tolist()
-            if labels:
-                out["cls_acc"] = (pred == torch.cat(labels)).double().mean().item()
+            if labels is not None:
+                out["cls_acc"] = (pred == labels.to(pred.device)).double().mean().item()
         if self.inception is not None:
-            f, p = zip(*(self.inception(to_float(images[i:i + 100])) for i in range(0, len(images), 100)))
-            out["fid"] = frechet_distance(*feature_stats(torch.cat(f).numpy()), *self.inc_real)
-            out["is"], out["is_std"] = inception_score(torch.cat(p), 10, split_gen)
-        out.update(eval_source=self.source, n_gen=self.n, n_real=self.n_real, real_split="train")
+            from torch_fidelity.metric_fid import fid_features_to_statistics
+            self.inc_real_stats = self.inc_real_stats or fid_features_to_statistics(self.inc_real)
+            out.update(fidelity_metrics(*self._inception_features(images), self.inc_real, self.inc_real_stats))
+        out.update(eval_source=self.source, n_gen=len(images), n_real=self.n_real, real_split="train")
         return out
 
 
@@ -983,6 +1026,8 @@ class Run:
         args, self.state = resume(args, script)
         self.rank, self.world, local_rank = distributed_env()
         self.device = pick_device(args.device, local_rank)
+        if args.inception_weights and not Path(args.inception_weights).is_file():
+            raise UsageError(f"--inception-weights {args.inception_weights} does not exist")
         if self.world > 1:
             init_distributed(self.device)
             if args.batch_size % self.world:
@@ -1109,7 +1154,7 @@ class Run:
             self.fixed_z = self.state["fixed_z"].to(self.device)
         if self.rank == 0:  # rank 0 alone evaluates and writes
             self.evaluator = Evaluator(self.data, self.args.data_root, self.device, self.args.eval_samples,
-                                       self.args.seed)
+                                       self.args.seed, self.args.eval_real, self.args.inception_weights)
             self._prepare_dir()
             if self.world > 1:
                 print(f"{self.script}: {self.world} processes ({self.device.type}, "
@@ -1331,19 +1376,22 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
-def generate(args, script, load_sampler):
+def generate(args, script, load_sampler, noise_dim=None, num_labels=None):
     """--generate N: OUT/generated.npz with N uint8 images (and balanced `labels` for conditional models).
 
     `load_sampler(saved_args, checkpoint, device)` rebuilds G from the checkpoint and returns
-    `sample(z, y)`, as given to Run.start. Needs no dataset and no torchrun."""
+    `sample(z, y)`, as given to Run.start. Needs no dataset and no torchrun. `noise_dim(saved_args)` and
+    `num_labels(saved_args)`, when given, replace latent_dim as the noise's width and a conditional run's classes
+    as the labels' range (infogan: z with its codes' noise, and the values of the categorical code)."""
     if not args.checkpoint:
         raise UsageError("--generate needs --checkpoint PATH")
     state = load_checkpoint(args.checkpoint, script)
     saved, device = argparse.Namespace(**state["args"]), pick_device(args.device)
     sample = load_sampler(saved, state, device)
     g = torch.Generator(device).manual_seed(args.seed)
-    z = torch.randn(args.generate, saved.latent_dim, device=device, generator=g)
+    z = torch.randn(args.generate, noise_dim(saved) if noise_dim else saved.latent_dim, device=device, generator=g)
     k = state["data"]["num_classes"] if state["data"].get("conditional") else None
+    k = num_labels(saved) if num_labels else k
     y = balanced_labels(args.generate, k, device) if k else None
     images = torch.cat([sample(zc, None if y is None else y[i:i + len(zc)]).cpu()  # N images need not fit the device
                         for i, zc in zip(range(0, len(z), 500), z.split(500))])
@@ -1505,8 +1553,53 @@ def write_generated(out_dir, images, labels=None):
     return path
 
 
+def score(argv):
+    """`python common.py score --dataset cifar10 --samples generated.npz`: the evaluation of a run, for any file."""
+    p = ArgumentParser(prog="common.py score", description="Score a generated.npz (uint8 `images` (N, C, H, W), "
+                       "optional `labels`) against a dataset's real training images, as the scripts evaluate.")
+    p.add_argument("--samples", required=True, metavar="NPZ", help="a generated.npz (e.g. from --generate)")
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--data-root", default="./data")
+    p.add_argument("--eval-real", type=positive_int, default=None,
+                   help="real training images to compare with (default: as many as the samples)")
+    p.add_argument("--inception-weights", default=None, metavar="PATH",
+                   help=f"local copy of {INCEPTION_FILE} (RGB data)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    p.add_argument("--seed", type=int, default=0, help="which real images are drawn, and IS's split shuffle")
+    args = p.parse_args(argv)
+    try:
+        if not Path(args.samples).is_file():
+            raise UsageError(f"--samples {args.samples} does not exist")
+        try:
+            arrays = np.load(args.samples)
+            images = torch.from_numpy(arrays["images"])
+            labels = torch.from_numpy(arrays["labels"]).long() if "labels" in arrays.files else None
+        except Exception as e:
+            raise UsageError(f"--samples {args.samples} is not a generated.npz with uint8 `images` "
+                             f"({type(e).__name__})") from None
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise UsageError(f"--samples {args.samples}: `images` must be uint8 (N, C, H, W), "
+                             f"not {images.dtype} {tuple(images.shape)}")
+        if args.inception_weights and not Path(args.inception_weights).is_file():
+            raise UsageError(f"--inception-weights {args.inception_weights} does not exist")
+        device = pick_device(args.device)
+        data = load_dataset(args.dataset, args.data_root, images.shape[-1], "cpu")
+        with fork_rng(device):
+            evaluator = Evaluator(data, args.data_root, device, len(images), args.seed, args.eval_real,
+                                  args.inception_weights)
+            out = evaluator.score(images, labels)
+    except UsageError as e:
+        fail("common.py score", e)
+    print(json.dumps(out or {"skipped": evaluator.source}))
+    return out
+
+
 def main(argv=None):
-    p = ArgumentParser(description="Train and cache the evaluation classifier of an MNIST-like dataset.")
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["score"]:
+        return score(argv[1:])
+    p = ArgumentParser(description="Train and cache the evaluation classifier of an MNIST-like dataset. "
+                       "`python common.py score --help`: score a generated.npz.")
     p.add_argument("--dataset", default="fashion-mnist", choices=DIGIT_LIKE)
     p.add_argument("--data-root", default="./data")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))

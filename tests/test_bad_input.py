@@ -66,6 +66,9 @@ def cases(script):
     out += [
         ("--image-size=30", TRAIN + ["--image-size", "30"], r"(?<!\d)30(?!\d)", ()),
         ("--out=/proc/forbidden", TRAIN + ["--out", "/proc/forbidden"], re.escape("/proc/forbidden"), ()),
+        ("--inception-weights=missing", TRAIN + ["--inception-weights", "/nonexistent/w.pth"],
+         r"--inception-weights /nonexistent/w\.pth does not exist", ()),
+        ("--eval-real=0", TRAIN + ["--eval-real", "0"], bad_value("--eval-real", "0"), ()),
         ("fresh-run-into-used-out", [a for a in TRAIN if a != "--overwrite"], r"@RUN@\b.*\brun\b|\brun\b.*@RUN@", ()),
         ("--resume=/etc/passwd", RESUME + ["/etc/passwd"], r"/etc/passwd\b.*not a PyTorch checkpoint", INTERNAL),
         ("--resume=truncated", RESUME + ["@TRUNC@"], r"@TRUNC@\b.*(truncat|damag|corrupt|cannot be read)", INTERNAL),
