@@ -26,6 +26,7 @@ SCRIPT_FLAGS = {  # the configurations with the DDP traps: SN's u buffers and G'
     "dcgan": [],
     "cgan": ["--d-cond", "projection"],
     "wgan_clip": ["--warmup-critic", "off", "--n-dis", "2"],
+    "infogan": [],  # D called on real, then on fake with Q's head: two forwards with different parameters used
 }
 
 
@@ -49,7 +50,7 @@ def max_gap(a, b):
     return max((a[net][k].float() - b[net][k].float()).abs().max().item() for net in a for k in a[net])
 
 
-@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in ("cgan", "wgan_clip") else s
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in ("cgan", "wgan_clip", "infogan") else s
                                     for s in SCRIPT_FLAGS])
 def test_two_processes_train_what_one_process_trains(script, tmp_path, data_root):
     """3 steps on 2 processes x 8 images equal 3 steps of one process on the same 16 (same data slices, same
