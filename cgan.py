@@ -293,7 +293,7 @@ def train(args):
                 opt_d.step()
 
             # G step: vanilla minimises -softplus(D(G(z, y), y)), ns minimises softplus(-D(G(z, y), y))
-            # Through D itself, not D_ddp: D is frozen here, and DDP would wait for D gradients that never come.
+            # Through D itself, not D_ddp: D is frozen here, so no gradient of D is to be averaged over processes.
             D.requires_grad_(False)  # gradients flow through D to G, D's own weight gradients are not needed
             for _ in range(args.n_gen):
                 z = run.randn(args.batch_size, args.latent_dim)

@@ -277,8 +277,7 @@ def _load_torchvision(name, root, train):
         if name == "cifar10":
             return [tvd.CIFAR10(root, train=train, download=download)]
         # STL-10 for training: the 100k unlabelled images and the 5k labelled training images, as the SNGAN
-        # authors trained (their labels are dropped: one class, as CelebA, so --conditional is refused); the 8k
-        # labelled test images are the real split for evaluation.
+        # authors trained (their labels are dropped: one class, as CelebA, so --conditional is refused).
         return [tvd.STL10(root, split="train+unlabeled" if train else "test", download=download)]
 
     try:
@@ -341,7 +340,7 @@ def _load_files(name, root, size):
         print(f"decoding {len(paths)} CelebA images once (cached in {cache})", file=sys.stderr)
         images = _decode_files(paths, size, crop=140)  # the usual 140px face crop of the 178x218 images
         labels = torch.zeros(len(paths), dtype=torch.int64)
-        torch.save({"images": images, "labels": labels}, cache)
+        save_checkpoint(cache, {"images": images, "labels": labels})  # atomically: a reader never sees half a file
         return images, labels, 1
     root = Path(root)
     if not root.is_dir():
@@ -416,6 +415,21 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True)
     """
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Under torchrun the first process of each machine loads first (downloads, decodes, writes caches);
+        # the others wait, then read what it wrote. Every process calls this the same number of times.
+        first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        if not first:
+            dist.barrier()
+        try:
+            return _load_dataset(name, root, image_size, device, train)
+        finally:
+            if first:
+                dist.barrier()
+    return _load_dataset(name, root, image_size, device, train)
+
+
+def _load_dataset(name, root, image_size, device, train):
     size = image_size or NATIVE_SIZE[name]
     if name == "fake":
         images, labels, k = make_fake(size=size, seed=0 if train else 1, n=1024 if train else 512)
@@ -676,13 +690,16 @@ def fidelity_metrics(gen_features, gen_logits, real_features, real_stats=None):
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     real_stats = real_stats or fid_features_to_statistics(real_features)
-    isc = isc_features_to_metric(gen_logits)
+    n = min(len(gen_features), len(real_features))
+    isc = isc_features_to_metric(gen_logits, splits=min(10, len(gen_logits)))  # fewer splits only below 10 samples
     fid = fid_statistics_to_metric(fid_features_to_statistics(gen_features), real_stats, verbose=False)
-    kid = kid_features_to_metric(gen_features, real_features, verbose=False,
-                                 kid_subset_size=min(1000, len(gen_features), len(real_features)))
-    return {"is": isc["inception_score_mean"], "is_std": isc["inception_score_std"],
-            "fid": fid["frechet_inception_distance"],
-            "kid": kid["kernel_inception_distance_mean"], "kid_std": kid["kernel_inception_distance_std"]}
+    out = {"is": isc["inception_score_mean"], "is_std": isc["inception_score_std"],
+           "fid": fid["frechet_inception_distance"]}
+    if n >= 2:  # KID's unbiased estimator needs two samples per subset
+        kid = kid_features_to_metric(gen_features, real_features, verbose=False, kid_subset_size=min(1000, n))
+        out.update(kid=kid["kernel_inception_distance_mean"], kid_std=kid["kernel_inception_distance_std"],
+                   kid_subset_size=min(1000, n))
+    return out
 
 
 class Evaluator:
@@ -727,13 +744,20 @@ class Evaluator:
     def _inception_features(self, images):
         """(2048-d features, unbiased logits) of uint8 images, in float32 on the CPU (torch-fidelity's layout)."""
         feats, logits = [], []
-        for i in range(0, images.shape[0], 100):
-            x = images[i:i + 100].to(self.device)
-            if x.shape[1] == 1:  # grayscale: the same image in R, G and B
-                x = x.expand(-1, 3, -1, -1)
-            f, g = self.inception(x)
-            feats.append(f.float().cpu())
-            logits.append(g.float().cpu())
+        # TF32 off (Ampere's default for cuDNN convolutions, and --no-amp's only effect here): the same numbers
+        # in a run, in `common.py score` and on any GPU
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            for i in range(0, images.shape[0], 100):
+                x = images[i:i + 100].to(self.device)
+                if x.shape[1] == 1:  # grayscale: the same image in R, G and B
+                    x = x.expand(-1, 3, -1, -1)
+                f, g = self.inception(x)
+                feats.append(f.float().cpu())
+                logits.append(g.float().cpu())
+        torch.backends.cuda.matmul.allow_tf32 = tf32
         return torch.cat(feats), torch.cat(logits)
 
     @torch.no_grad()
@@ -809,11 +833,13 @@ def pick_device(name="auto", local_rank=None):
     if name == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         if local_rank is not None:
-            if local_rank >= torch.cuda.device_count():
-                raise UsageError(f"torchrun started local rank {local_rank}, but this machine has "
-                                 f"{torch.cuda.device_count()} CUDA devices: --nproc_per_node at most that")
-            torch.cuda.set_device(local_rank)
-            return torch.device("cuda", local_rank)
+            count = torch.cuda.device_count()
+            index = 0 if count == 1 else local_rank  # one visible device per process (CUDA_VISIBLE_DEVICES): cuda:0
+            if index >= count:
+                raise UsageError(f"torchrun started local rank {local_rank}, but this machine has {count} CUDA "
+                                 f"devices: --nproc_per_node at most that")
+            torch.cuda.set_device(index)
+            return torch.device("cuda", index)
     return torch.device(name)
 
 
@@ -826,9 +852,12 @@ def distributed_env():
 
 
 def init_distributed(device):
-    """Join torchrun's process group: NCCL between CUDA devices, gloo between CPU processes."""
+    """Join torchrun's process group: NCCL between CUDA devices, gloo between CPU processes. The timeout (how long
+    a process waits in a collective) is 2 hours, not the default 10 (NCCL) or 30 minutes (gloo): the others wait
+    while rank 0 alone evaluates (50k Inception passes) or trains the evaluation classifier."""
+    import datetime
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
                                 device_id=device if device.type == "cuda" else None)
 
 
@@ -1026,8 +1055,6 @@ class Run:
         args, self.state = resume(args, script)
         self.rank, self.world, local_rank = distributed_env()
         self.device = pick_device(args.device, local_rank)
-        if args.inception_weights and not Path(args.inception_weights).is_file():
-            raise UsageError(f"--inception-weights {args.inception_weights} does not exist")
         if self.world > 1:
             init_distributed(self.device)
             if args.batch_size % self.world:
@@ -1061,7 +1088,9 @@ class Run:
         seed_everything(args.seed)  # the same in every process: the same initial networks
 
     def _check_dir(self):
-        """The --out problem in words, or None."""
+        """The --out (or --inception-weights) problem in words, or None. Rank 0's files decide."""
+        if self.args.inception_weights and not Path(self.args.inception_weights).is_file():
+            return f"--inception-weights {self.args.inception_weights} does not exist"
         existed = self.dir.exists()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -1098,16 +1127,17 @@ class Run:
     def distribute(self, net):
         """`net` wrapped in DistributedDataParallel under torchrun (its gradients averaged over the processes in
         backward), `net` itself in a single process. Call after `restore`; keep using `net` itself wherever no
-        gradient of its weights is wanted (the G step's pass through D, sampling). No buffer sync per forward: the
-        processes' buffers stay equal by construction (SyncBatchNorm statistics; spectral norm's u, updated by
-        the same power iteration from the same weights), and rank 0 may then sample alone without a collective."""
+        gradient of its weights is wanted (the G step's pass through D, sampling). No buffer sync per forward, so
+        that rank 0 may sample alone without a collective: spectral norm's u stays equal in every process (the
+        same power iteration on the same weights), SyncBatchNorm's statistics too; per-process BatchNorm
+        statistics (CPU processes, --no-sync-bn) differ, and rank 0's are the ones saved and sampled with."""
         if self.world == 1:
             return net
         if self.sync_bn:  # in place: `net`'s BatchNorms become SyncBatchNorms, with the same parameters
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         from torch.nn.parallel import DistributedDataParallel as DDP
         no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                   else {"broadcast_buffers": False})  # the older name (torch < 2.14)
+                   else {"broadcast_buffers": False})  # the older name
         return DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None, **no_sync)
 
     def per_process(self, n, what="--batch-size"):
@@ -1210,12 +1240,12 @@ class Run:
             return True
         if self.world > 1 and step % self.args.log_every:  # processes agree on the clock and Ctrl-C at log steps
             return False
-        stop = self.interrupted or (self.max_seconds is not None and self.elapsed() >= self.max_seconds)
-        if self.world > 1:  # one process's clock or Ctrl-C stops them all at the same step
-            flag = torch.tensor([float(stop)], device=self.device)
-            dist.all_reduce(flag, dist.ReduceOp.MAX)
-            stop = bool(flag.item())
-        return stop
+        timed_out = self.max_seconds is not None and self.elapsed() >= self.max_seconds
+        if self.world > 1:  # one process's clock or Ctrl-C (on its machine) stops them all, for the same reason
+            flags = torch.tensor([float(self.interrupted), float(timed_out)], device=self.device)
+            dist.all_reduce(flags, dist.ReduceOp.MAX)
+            self.interrupted, timed_out = bool(flags[0]), bool(flags[1])
+        return self.interrupted or timed_out
 
     def end_step(self, step, **stats):
         """After each generator step: collect the step's statistics (tensors, left on the device), then log,
@@ -1240,7 +1270,13 @@ class Run:
         if kind is None:
             try:
                 if len(self.meter):  # the steps after the last log step
-                    self._log_stats()
+                    self._log_stats()  # the last collective of the run
+            except Diverged as e:
+                kind, err = Diverged, e
+        if kind in (None, Diverged) and self.world > 1:
+            dist.destroy_process_group()  # every process at the same point; rank 0 then finishes alone
+        if kind is None:
+            try:
                 if self.step != self.saved_step and self.rank == 0:
                     self._save()
             except Diverged as e:
@@ -1340,7 +1376,6 @@ class Run:
         """Final evaluation (unless this step was just evaluated), plots, interpolation.png, predictions.png
         (MNIST-like data), and the one-line summary. Returns the run directory. Rank 0 only."""
         if self.rank:
-            dist.destroy_process_group()
             return self.dir
         metrics = self.metrics if self._eval_step == self.step else self._evaluate()
         self._plots()
@@ -1365,8 +1400,6 @@ class Run:
             reason = f"done (--epochs {self.args.epochs} reached)"
         print(f"{self.script}: {reason} at step {self.step} (epoch {self.batches.epoch}, {self.elapsed() / 60:.1f} min, "
               f"{self.precision}) {summary or 'no metrics'} [{source}] -> {self.dir}", flush=True)
-        if self.world > 1:
-            dist.destroy_process_group()
         return self.dir
 
 

@@ -226,7 +226,7 @@ def train(args):
                 opt_d.step()
 
             # G step: minimise softplus(-D(G(z))), the non-saturating loss (Goodfellow et al. 2014, Sec. 3)
-            # Through D itself, not D_ddp: D is frozen here, and DDP would wait for D gradients that never come.
+            # Through D itself, not D_ddp: D is frozen here, so no gradient of D is to be averaged over processes.
             D.requires_grad_(False)  # gradients flow through D to G, but D's own weight gradients are not needed
             for _ in range(args.n_gen):
                 z = run.randn(args.batch_size, args.latent_dim)

@@ -480,7 +480,7 @@ def train(args):
                 opt_d.step()
 
             # G step: minimise softplus(-D(G(z, c))) + lambda L_info(Q(G(z, c)), c)  (non-saturating, Eq. 6)
-            # Through D itself, not D_ddp: D is frozen here, and DDP would wait for D gradients that never come.
+            # Through D itself, not D_ddp: D is frozen here, so no gradient of D is to be averaged over processes.
             D.requires_grad_(False)  # gradients flow through D and Q to G; their own weights are the D step's
             for _ in range(args.n_gen):
                 z, c1, c_cont = latent(run.randn(args.batch_size, width))

@@ -339,7 +339,7 @@ class EMA:
         if self.stale:
             device = next(self.module.parameters()).device
             g = torch.Generator(device).manual_seed(1234)
-            bns = [m for m in self.module.modules() if isinstance(m, nn.BatchNorm2d)]
+            bns = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # Sync too
             for bn in bns:
                 bn.reset_running_stats()
                 bn.momentum = None  # cumulative average over the batches below
@@ -448,7 +448,7 @@ def train(args):
                 opt_d.step()
 
             # G step: minimise -E[D(G(z, y), y)] (hinge, wasserstein) or softplus(-D(G(z, y), y)) (ns)
-            # Through D itself, not D_ddp: D is frozen here, and DDP would wait for D gradients that never come.
+            # Through D itself, not D_ddp: D is frozen here, so no gradient of D is to be averaged over processes.
             D.requires_grad_(False)  # gradients flow through D to G; D's weight gradients are not needed
             for _ in range(args.n_gen):
                 z = run.randn(g_batch, args.latent_dim)

@@ -300,7 +300,7 @@ def train(args):
                 opt_d.step()
 
             # G step: minimise -E[D(G(z))]  (Algorithm 1, line 11)
-            # Through D itself, not D_ddp: D is frozen here, and DDP would wait for D gradients that never come.
+            # Through D itself, not D_ddp: D is frozen here, so no gradient of D is to be averaged over processes.
             D.requires_grad_(False)  # gradients flow through the critic, its weights need none
             for _ in range(args.n_gen):
                 z = run.randn(args.batch_size, args.latent_dim)

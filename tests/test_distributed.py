@@ -27,6 +27,7 @@ SCRIPT_FLAGS = {  # the configurations with the DDP traps: SN's u buffers and G'
     "cgan": ["--d-cond", "projection"],
     "wgan_clip": ["--warmup-critic", "off", "--n-dis", "2"],
     "infogan": [],  # D called on real, then on fake with Q's head: two forwards with different parameters used
+    "sagan": ["--conditional"],  # SN in G too (G's u under DDP), attention blocks in G and D
 }
 
 
@@ -158,9 +159,9 @@ def test_bad_input_under_torchrun_is_one_line_from_each_process(tmp_path, data_r
 
 
 def test_devices_under_torchrun(monkeypatch):
-    """One CUDA device per local rank (set as the current device), MPS refused in words (PyTorch has no process
-    group backend for it), `auto` on a Mac falls back to CPU processes, a local rank beyond the machine's GPUs is
-    refused. Mocked: this machine has no GPU."""
+    """One CUDA device per local rank (set as the current device; cuda:0 where each process sees one), MPS refused
+    in words (PyTorch has no process group backend for it), `auto` on a Mac falls back to CPU processes, a local
+    rank beyond the machine's GPUs is refused. Mocked: this machine has no GPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     chosen = []
@@ -168,6 +169,8 @@ def test_devices_under_torchrun(monkeypatch):
     assert common.pick_device("auto", 1) == torch.device("cuda", 1) and chosen == [1]
     with pytest.raises(common.UsageError, match="2 CUDA devices"):
         common.pick_device("cuda", 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one visible device per process (a scheduler's way)
+    assert common.pick_device("cuda", 3) == torch.device("cuda", 0) and chosen[-1] == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert common.pick_device("auto", 0) == torch.device("cpu") and common.pick_device("auto") == torch.device("mps")
