@@ -2,17 +2,21 @@
 
     python tests/benchmark.py                  # every script, float32 and (where native) bf16
     python tests/benchmark.py --steps 100 --scripts dcgan wgan_gp
+    python tests/benchmark.py --processes             # also: 1 process vs torchrun with 2 (CPU: gloo)
 
 Images/s come from each script's own training loop (its metrics.jsonl, data batching included)
 on the generated `fake` data, at the script's default width and batch size (WGAN-clip without
 its critic warm-up). FLOPs per iteration (n_dis D steps + n_gen G steps) are counted by
 torch.utils.flop_counter on the script's own loop: the count of a run of k + 1 iterations
 minus that of a run of k, so everything outside the loop cancels. The share is given against
-the float32 and the bfloat16 matmul rate of the machine (2048 x 2048).
+the float32 and the bfloat16 matmul rate of the machine (2048 x 2048). With --processes, one line per
+script compares one process with `torchrun --nproc_per_node 2` at the same whole batch (on a CPU the
+two processes split its cores: torchrun gives each one thread).
 """
 import argparse
 import importlib
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +30,9 @@ import common  # noqa: E402
 
 # (script, extra flags): each script's default network at 28 px, and DCGAN's 64 px stack
 CASES = [("dcgan", []), ("dcgan", ["--image-size", "64"]), ("cgan", []), ("wgan_gp", []),
-         ("wgan_clip", ["--warmup-critic", "off"]), ("sngan", []), ("sngan", ["--arch", "cnn"])]
+         ("wgan_clip", ["--warmup-critic", "off"]), ("sngan", []), ("sngan", ["--arch", "cnn"]), ("infogan", []),
+         ("sagan", [])]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def matmul_rate(device, dtype, n=2048, reps=10):
@@ -73,11 +79,31 @@ def flops_per_iteration(module, argv, tmp):
     return counts[1] - counts[0]
 
 
+def images_per_s(cmd, out):
+    """Mean images/s of a run's log lines after the first (warm-up) one."""
+    subprocess.run(cmd + ["--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    rows = [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    train = [r["images_per_s"] for r in rows if "images_per_s" in r][1:]
+    return sum(train) / len(train)
+
+
+def processes_line(script, extra, steps, data_root, tmp):
+    """One process against torchrun with two, same flags (the whole batch split over the two)."""
+    base = [f"{script}.py", "--dataset", "fake", "--device", "cpu", "--data-root", data_root, "--log-every", "10",
+            "--sample-every", "100000", "--eval-every", "0", "--eval-samples", "100", "--max-steps", str(steps + 10),
+            *extra]
+    one = images_per_s([sys.executable] + base, Path(tempfile.mkdtemp(dir=tmp)))
+    two = images_per_s([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] + base,
+                       Path(tempfile.mkdtemp(dir=tmp)))
+    print(f"| {script} | {' '.join(extra) or '(defaults)'} | {one:.0f} | {two:.0f} | {two / one:.2f} |", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=40, help="timed iterations per case (after 10 warm-up iterations)")
     p.add_argument("--scripts", nargs="*", default=None, help="only these scripts")
     p.add_argument("--device", default="auto")
+    p.add_argument("--processes", action="store_true", help="also compare 1 process with torchrun's 2 (CPU, gloo)")
     args = p.parse_args(argv)
     device = common.pick_device(args.device)
     fp32, bf16 = matmul_rate(device, torch.float32), matmul_rate(device, torch.bfloat16)
@@ -88,9 +114,8 @@ def main(argv=None):
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     with tempfile.TemporaryDirectory() as tmp:
         data_root = str(Path(tmp) / "data")  # the fake data's evaluation classifier is trained once, here
-        for script, extra in CASES:
-            if args.scripts and script not in args.scripts:
-                continue
+        cases = [(s, e) for s, e in CASES if (ROOT / f"{s}.py").exists() and (not args.scripts or s in args.scripts)]
+        for script, extra in cases:
             module = importlib.import_module(script)
             base = ["--dataset", "fake", "--device", str(device), "--data-root", data_root, "--log-every", "10",
                     "--sample-every", "100000", "--eval-every", "0", *extra]
@@ -105,6 +130,11 @@ def main(argv=None):
                 name = "float32" if amp else "bf16 autocast"
                 print(f"| {script} | {' '.join(extra) or '(defaults)'} | {name} | {ips:.0f} | {flops / 1e9:.2f} | "
                       f"{rate / 1e9:.0f} | {100 * rate / fp32:.0f}% | {100 * rate / bf16:.0f}% |", flush=True)
+        if args.processes:
+            print("\n| script | flags | 1 process images/s | 2 processes (torchrun) images/s | ratio |")
+            print("| --- | --- | --- | --- | --- |")
+            for script, extra in cases:
+                processes_line(script, extra, args.steps, data_root, tmp)
 
 
 if __name__ == "__main__":
