@@ -1006,7 +1006,8 @@ class Meter:
 
 
 RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "progress.gif", "generated.npz")
-RUN_PICTURES = ("losses.png", "interpolation.png", "class_histogram.png", "predictions.png")  # and more per script
+RUN_PICTURES = ("losses.png", "interpolation.png", "class_histogram.png", "predictions.png",
+                "attention.png")  # and more per script
 
 
 def load_optimizer(opt, state):

@@ -22,8 +22,9 @@ largest share per value) and `gen_cat_acc` (c1's accuracy as the classifier's la
 Writes into --out: args.json, metrics.jsonl, samples/step_*.png (64 random latents), progress.gif, the paper's
 Figure 2 at every sample step and at the end: traverse_c1.png (2a: c1 across the columns, one row per fixed z and
 continuous codes) with its frames in samples/c1/ and traverse_c1.gif, traverse_c2.png, traverse_c3.png, ...
-(2c, 2d: one continuous code from -r to r, --traverse-range, across the columns; one row per value of c1, the same
-z along a row, the other continuous codes 0); purity.png (per value of c1, the classifier's labels of its images),
+(as 2c, 2d, but one row per value of c1 where the paper's rows are random latents: one continuous code from -r to r,
+--traverse-range, across the columns; the same z along a row, the other continuous codes 0); purity.png (per value
+of c1, the classifier's labels of its images),
 losses.png (adversarial losses, the information terms, D's accuracy, cat_acc and purity, FID), interpolation.png,
 class_histogram.png and predictions.png (MNIST-like data), checkpoint.pt.
 """

@@ -16,6 +16,7 @@ import torch
 import cgan
 import common
 import dcgan
+import sagan
 import sngan
 import wgan_clip
 import wgan_gp
@@ -234,6 +235,9 @@ SAMPLERS = {
     "sngan-resnet": lambda: (sngan.ResNetGenerator(16, 1, 32, width=4), sngan.sample_images),
     "sngan-cnn-cond": lambda: (sngan.CNNGenerator(16, 1, 32, width=4, num_classes=10),
                                lambda G, z: sngan.sample_images(G, z, torch.arange(len(z)) % 10)),
+    "sagan": lambda: (sagan.Generator(16, 1, 28, width=4, attn_sizes=[7, 14]), sagan.sample_images),
+    "sagan-cond": lambda: (sagan.Generator(16, 1, 32, width=4, num_classes=10, attn_sizes=[16]),
+                           lambda G, z: sagan.sample_images(G, z, torch.arange(len(z)) % 10)),
 }
 
 
