@@ -407,17 +407,18 @@ def data_home(images, device):
     return device
 
 
-def load_dataset(name, root="./data", image_size=None, device="cpu", train=True):
+def load_dataset(name, root="./data", image_size=None, device="cpu", train=True, alone=False):
     """Load a dataset as one uint8 tensor at `image_size`, on `device` when it fits (see ImageData, data_home).
 
     Decoded and resized once; batches are then made by indexing, with no per-sample
-    transforms and no worker processes.
+    transforms and no worker processes. Under torchrun every process calls it together, unless `alone`
+    (rank 0's evaluation classifier: a barrier there would wait for processes that are training).
     """
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if not alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         # Under torchrun the first process of each machine loads first (downloads, decodes, writes caches);
-        # the others wait, then read what it wrote. Every process calls this the same number of times.
+        # the others wait, then read what it wrote.
         first = int(os.environ.get("LOCAL_RANK", "0")) == 0
         if not first:
             dist.barrier()
@@ -621,7 +622,7 @@ def get_classifier(dataset, data_root, device):
         net.load_state_dict(ckpt["model"])
         net.test_accuracy = ckpt["test_accuracy"]
         return net.to(device).eval()
-    train, test = (load_dataset(dataset, data_root, size, device, train=t) for t in (True, False))
+    train, test = (load_dataset(dataset, data_root, size, device, train=t, alone=True) for t in (True, False))
     print(f"training the {dataset} evaluation classifier once ({CLASSIFIER_EPOCHS} epochs, cached in {path})",
           file=sys.stderr)
     torch.manual_seed(1234)  # the caller forks the RNG (Evaluator): the cached network does not depend on the run
@@ -1419,6 +1420,8 @@ def generate(args, script, load_sampler, noise_dim=None, num_labels=None):
     as the labels' range (infogan: z with its codes' noise, and the values of the categorical code)."""
     if not args.checkpoint:
         raise UsageError("--generate needs --checkpoint PATH")
+    if distributed_env()[0]:  # started under torchrun anyway: the first process writes, the others would repeat it
+        return None
     state = load_checkpoint(args.checkpoint, script)
     saved, device = argparse.Namespace(**state["args"]), pick_device(args.device)
     sample = load_sampler(saved, state, device)

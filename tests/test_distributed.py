@@ -89,13 +89,15 @@ def test_a_checkpoint_moves_between_one_and_two_processes(tmp_path, data_root):
         assert max_gap(straight, resumed[0]) < 1e-3 * moved, (first, second)
 
 
-def test_torchrun_run_has_one_directory_and_generate_needs_no_torchrun(tmp_path, data_root):
+def test_torchrun_run_has_one_directory_and_generate_needs_no_torchrun(tmp_path):
     """The real script under torchrun (BatchNorm per process): exit 0, one run directory with every promised file,
     one summary line (rank 0 speaks), the log's images/s counting the whole batch; --generate from its checkpoint
-    in a plain process. Catches every process writing (duplicated lines, racing files) or none."""
+    in a plain process, and under torchrun by one process. A fresh data root: rank 0 trains the evaluation
+    classifier alone while the other process trains on. Catches every process writing (duplicated lines, racing
+    files) or none, and a collective in rank 0's solitary work (a deadlock: the timeout fails the test)."""
     out = tmp_path / "run"
     r = launch(["sngan.py"] + BASE + SCRIPT_FLAGS["sngan"] + ["--max-steps", "4", "--log-every", "2",
-               "--sample-every", "2", "--eval-every", "2", "--data-root", data_root, "--out", out], ROOT)
+               "--sample-every", "2", "--eval-every", "2", "--data-root", tmp_path / "data", "--out", out], ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("sngan: done") == 1 and "2 processes" in r.stdout
     for f in ("args.json", "metrics.jsonl", "checkpoint.pt", "losses.png", "progress.gif", "samples/step_0000004.png"):
@@ -108,6 +110,10 @@ def test_torchrun_run_has_one_directory_and_generate_needs_no_torchrun(tmp_path,
                ROOT, processes=1)
     assert g.returncode == 0, g.stderr
     assert np.load(tmp_path / "gen" / "generated.npz")["images"].shape == (20, 1, 28, 28)
+    g2 = launch(["sngan.py", "--generate", "20", "--checkpoint", out / "checkpoint.pt", "--out", tmp_path / "gen2"],
+                ROOT)  # started under torchrun anyway: one process writes, one line says so
+    assert g2.returncode == 0 and g2.stdout.count("wrote 20 samples") == 1, g2.stdout + g2.stderr
+    assert sorted(p.name for p in (tmp_path / "gen2").iterdir()) == ["generated.npz"]
 
 
 def test_a_crashing_process_ends_every_process(tmp_path, data_root):
