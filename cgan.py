@@ -2,7 +2,7 @@
 (Miyato & Koyama 2018, arXiv:1802.05637), the saturating and non-saturating losses, and spectral norm.
 
     python cgan.py --dataset fashion-mnist --max-minutes 3                         # concat D, ns loss
-    python cgan.py --dataset fashion-mnist --d-cond none --loss vanilla            # the first report's setup
+    python cgan.py --dataset fashion-mnist --d-cond none --loss vanilla            # report 000's first setup (README)
     python cgan.py --dataset mnist --d-cond projection --spectral-norm d
     python cgan.py --generate 1000 --checkpoint runs/<run>/checkpoint.pt           # balanced labels
 
@@ -37,7 +37,7 @@ EMBED_DIM = 50  # size of G's learned class embedding with --g-cond embed
 def parse_args(argv=None):
     p = common.ArgumentParser(prog=f"{SCRIPT}.py", description=__doc__.split("\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    m = p.add_argument_group("model and optimisation (defaults: DCGAN's, Radford et al. 2015; batch 256 of the first report)")
+    m = p.add_argument_group("model and optimisation (defaults: DCGAN's, Radford et al. 2015; batch 256 of report 000, README)")
     m.add_argument("--arch", default="dcgan", choices=("dcgan", "mlp"),
                    help="dcgan: DCGAN-style G and D (28/32 px and any s*2^n); mlp: 3 hidden layers each")
     m.add_argument("--width", type=common.positive_int, default=64,
@@ -54,8 +54,8 @@ def parse_args(argv=None):
                         "both; a spectrally normalised D drops its BatchNorm, as in that paper")
     m.add_argument("--sn-iters", type=common.positive_int, default=1, help="power iterations per step; 1 in Miyato et al. 2018")
     m.add_argument("--latent-dim", type=common.positive_int, default=100, help="size of z ~ N(0, I); 100 as in DCGAN")
-    m.add_argument("--batch-size", type=common.positive_int, default=256, help="256, as in the first report")
-    m.add_argument("--epochs", type=common.positive_int, default=100, help="100, as in the first report")
+    m.add_argument("--batch-size", type=common.positive_int, default=256, help="256, as report 000")
+    m.add_argument("--epochs", type=common.positive_int, default=100, help="100, as report 000")
     m.add_argument("--lr-g", type=common.positive_float, default=2e-4, help="G's Adam learning rate; 2e-4 (DCGAN)")
     m.add_argument("--lr-d", type=common.positive_float, default=2e-4, help="D's Adam learning rate; 2e-4 (DCGAN)")
     m.add_argument("--beta1", type=common.unit_float, default=0.5, help="Adam beta1; 0.5 (DCGAN)")

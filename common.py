@@ -117,7 +117,8 @@ def add_common_args(p, script):
     g.add_argument("--data-root", default="./data", help="where datasets live and downloads go (default ./data)")
     g.add_argument("--image-size", type=positive_int, default=None,
                    help="default: the dataset's native size (MNIST 28, USPS 16, CIFAR-10 32, STL-10 48, CelebA 64)")
-    g.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many generator steps")
+    g.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop after this many iterations (the logs' `step`: each has the script's D steps and G steps)")
     g.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop after this much training-loop wall time (data loading not counted)")
     g.add_argument("--seed", type=int, default=0,
@@ -134,10 +135,13 @@ def add_common_args(p, script):
     g.add_argument("--out", default=None, help=f"run directory (default runs/{script}-<dataset>-<time>)")
     g.add_argument("--overwrite", action="store_true",
                    help="let a fresh run replace the run files of a used --out (refused otherwise)")
-    g.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics.jsonl lines")
-    g.add_argument("--sample-every", type=positive_int, default=500, help="steps between sample grids and checkpoints")
-    g.add_argument("--eval-every", type=nonneg_int, default=2000, help="steps between evaluations (0: only at the end)")
-    g.add_argument("--eval-samples", type=positive_int, default=10000, help="generated images per evaluation")
+    g.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics.jsonl lines (default 50)")
+    g.add_argument("--sample-every", type=positive_int, default=500,
+                   help="steps between sample grids and checkpoints (default 500)")
+    g.add_argument("--eval-every", type=nonneg_int, default=2000,
+                   help="steps between evaluations (default 2000; 0: only at the end)")
+    g.add_argument("--eval-samples", type=positive_int, default=10000,
+                   help="generated images per evaluation (default 10000; 2000 is enough on a CPU)")
     g.add_argument("--eval-real", type=positive_int, default=None,
                    help="real training images each evaluation compares against (default: as many as --eval-samples; "
                         "the SNGAN paper's FID: 10000 real vs 5000 generated, later tables 50000 vs 50000)")
@@ -148,7 +152,8 @@ def add_common_args(p, script):
                    help="continue from a checkpoint.pt with its settings; only the length, device, output and "
                         "logging flags you type may change them")
     g.add_argument("--generate", type=positive_int, default=None, metavar="N",
-                   help="no training: load --checkpoint and write N samples to OUT/generated.npz")
+                   help="no training: load --checkpoint and write N samples to generated.npz in --out "
+                        "(default: the checkpoint's folder)")
     g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint for --generate")
     return p
 
@@ -685,8 +690,9 @@ def _fidelity_version():
 
 def fidelity_metrics(gen_features, gen_logits, real_features, real_stats=None):
     """IS, FID and KID with torch-fidelity's own functions and defaults (IS: 10 splits of the shuffled samples;
-    FID: float64 statistics; KID: 100 subsets of min(1000, N) samples, cubic polynomial kernel), so that the
-    numbers equal torch_fidelity.calculate_metrics on the same images. `real_stats` caches the real FID side."""
+    FID: float64 covariances, float32 means as the reference TF code; KID: 100 subsets of min(1000, N) samples,
+    cubic polynomial kernel), so that the numbers equal torch_fidelity.calculate_metrics on the same images.
+    `real_stats` caches the real FID side."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
@@ -1013,7 +1019,9 @@ RUN_PICTURES = ("losses.png", "interpolation.png", "class_histogram.png", "predi
 
 def load_optimizer(opt, state):
     """Load an optimiser's state saved on any device: keep this device's `fused` choice (a CUDA run's fused Adam
-    cannot step on a CPU or a Mac) and give each state tensor its parameter's memory format."""
+    cannot step on a CPU or a Mac), put Adam's step counter where this device's choice wants it (torch places it
+    by the SAVED flags: a CPU checkpoint's CPU counter would stop CUDA's fused Adam, a CUDA checkpoint's device
+    counter would cost an MPS sync per parameter per step), and give each state tensor its parameter's layout."""
     fused = [g.get("fused") for g in opt.param_groups]
     opt.load_state_dict(state)
     for group, f in zip(opt.param_groups, fused):
@@ -1021,7 +1029,10 @@ def load_optimizer(opt, state):
             group["fused"] = f
         for p in group["params"]:
             for k, v in opt.state.get(p, {}).items():
-                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                if k == "step" and torch.is_tensor(v):
+                    on_device = group.get("fused") or group.get("capturable")
+                    opt.state[p][k] = v.to(dtype=torch.float32, device=p.device if on_device else "cpu")
+                elif torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
                     opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 

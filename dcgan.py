@@ -2,7 +2,7 @@
 
     python dcgan.py --dataset fashion-mnist --max-minutes 5       # 28 px, CPU-friendly
     python dcgan.py --dataset celeba --image-size 64 --epochs 5   # the paper's 64 px stack
-    python dcgan.py --dataset mnist --arch mlp                    # the MLP GAN of the seed reports
+    python dcgan.py --dataset mnist --arch mlp                    # the MLP GAN of report 004 (README)
     python dcgan.py --generate 1000 --checkpoint runs/<run>/checkpoint.pt
 
 Generator: a projection of z to s0 x s0, then stride-2 transposed convolutions with BatchNorm and
@@ -33,11 +33,11 @@ def parse_args(argv=None):
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model and optimisation (defaults: Radford et al. 2015, Sec. 4)")
     m.add_argument("--arch", default="dcgan", choices=("dcgan", "mlp"),
-                   help="dcgan: the paper's convolutional G and D; mlp: 3 hidden layers in G and in D (the reports' MLP GAN)")
+                   help="dcgan: the paper's convolutional G and D; mlp: 3 hidden layers in G and in D (report 004's MLP GAN)")
     m.add_argument("--width", type=common.positive_int, default=64,
                    help="--arch dcgan: channels of G's last and D's first conv layer, doubling per layer "
                         "(ngf = ndf = 64 in the paper's code)")
-    m.add_argument("--latent-dim", type=common.positive_int, default=100, help="size of z ~ N(0, I); 100 in the paper")
+    m.add_argument("--latent-dim", type=common.positive_int, default=100, help="size of z ~ N(0, I) (the paper: 100, uniform)")
     m.add_argument("--batch-size", type=common.positive_int, default=128, help="128 in the paper")
     m.add_argument("--epochs", type=common.positive_int, default=25, help="passes over the data (25 in pytorch/examples' DCGAN)")
     m.add_argument("--lr-g", type=common.positive_float, default=2e-4, help="G's Adam learning rate; 2e-4 in the paper")
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     m.add_argument("--n-dis", type=common.positive_int, default=1, help="D steps per iteration; 1 in the paper")
     m.add_argument("--n-gen", type=common.positive_int, default=1, help="G steps per iteration; 1 in the paper")
     m.add_argument("--d-dropout", type=common.unit_float, default=0.0,
-                   help="dropout after each of D's LeakyReLUs; 0 in the paper (the reports try 0.3 and 0.7)")
+                   help="dropout after each of D's LeakyReLUs; 0 in the paper (report 001 tries 0.3 and 0.7)")
     common.add_common_args(p, SCRIPT)
     args = p.parse_args(argv)
     common.refuse_unused(p, args, {"width": args.arch == "dcgan"}, f"--arch {args.arch}")

@@ -2,7 +2,7 @@
 
     python infogan.py --dataset mnist                                        # the paper's MNIST setting (App. C)
     python infogan.py --dataset fashion-mnist --width 32 --max-minutes 10    # a CPU setting (README)
-    python infogan.py --dataset mnist --image-size 64 --traverse-range 10    # seed report 004's 64 px deconv variant
+    python infogan.py --dataset mnist --image-size 64 --traverse-range 10    # report 004's 64 px deconv variant
     python infogan.py --generate 1000 --checkpoint runs/<run>/checkpoint.pt  # labels = the asked categorical code c1
 
 G takes [z, one-hot(c1), c2, c3, ...]: noise z (--latent-dim 62; Uniform(-1, 1) as in the authors' code, or
@@ -65,11 +65,11 @@ def parse_args(argv=None):
                         "0 gives a plain GAN whose c1 means nothing (a baseline for cat_acc)")
     m.add_argument("--cont-weight", type=common.nonneg_float, default=0.1,
                    help="weight of the continuous codes' Gaussian NLL inside the information term; the paper uses "
-                        "'a smaller lambda' for continuous codes (Sec. 5), 0.1 as seed report 004 and the common ports "
+                        "'a smaller lambda' for continuous codes (Sec. 5), 0.1 as report 004 and the common ports "
                         "(the authors' code: 1, with std fixed to 1)")
     m.add_argument("--traverse-range", type=common.positive_float, default=2.0,
                    help="the traversal figures take each continuous code from -r to r; 2 in the paper's Figure 2 "
-                        "(seed report 004: 10)")
+                        "(report 004: 10)")
     m.add_argument("--batch-size", type=common.positive_int, default=128, help="128 in the paper (App. C)")
     m.add_argument("--epochs", type=common.positive_int, default=11,
                    help="passes over the data; 11 = about the authors' code's 50 x 100 updates of 128 on MNIST's 60k")

@@ -46,7 +46,7 @@ def parse_args(argv=None):
                         "largest size both networks have, up to 32: 32 at 64 and 128 px (the paper's best at 128 px, "
                         "Table 1), 24 at 48 px, 16 at 32 px (as CIFAR-10 reproductions), 14 at 28 px")
     m.add_argument("--no-attention", action="store_true",
-                   help="the same networks without attention blocks (the with/without comparison of seed report 001)")
+                   help="the same networks without attention blocks (the with/without comparison of report 001)")
     m.add_argument("--width", type=common.positive_int, default=64,
                    help="base channels w (the paper's counts at w = 64): up to 32 px the CIFAR-10 ResNets of SNGAN "
                         "(G 4w, D 2w); larger: G 16w (capped) halving to w, D w doubling to 16w (the paper's "

@@ -46,7 +46,7 @@ def parse_args(argv=None):
                    help="base channels w (the paper's channel counts are at w = 64); at 32 px: cnn G 8w..w, D w..8w, "
                         "resnet G 4w = 256, D 2w = 128 (CIFAR-10); at 48 px resnet G 8w..w, D w..16w (STL-10)")
     m.add_argument("--g-block", default="preact", choices=("preact", "postact"),
-                   help="resnet G block: preact = BN, ReLU, conv (the paper); postact = conv, BN, ReLU (seed report 003)")
+                   help="resnet G block: preact = BN, ReLU, conv (the paper); postact = conv, BN, ReLU (report 003)")
     m.add_argument("--d-arch", default="resnet", choices=("resnet", "strided"),
                    help="resnet D's first block: the paper's optimised block at full resolution, or one stride-2 "
                         "conv (the report's 'strided resnet': less compute)")
@@ -65,7 +65,7 @@ def parse_args(argv=None):
     m.add_argument("--lr-g", type=common.positive_float, default=2e-4, help="G's Adam learning rate; 2e-4 in the paper")
     m.add_argument("--lr-d", type=common.positive_float, default=2e-4, help="D's Adam learning rate; 2e-4 in the paper")
     m.add_argument("--beta1", type=common.unit_float, default=0.0,
-                   help="Adam beta1; 0 in the paper's ResNet setting (seed report 003 needed 0.5 for its ResNet)")
+                   help="Adam beta1; 0 in the paper's ResNet setting (report 003 needed 0.5 for its ResNet)")
     m.add_argument("--beta2", type=common.unit_float, default=0.9, help="Adam beta2; 0.9 in the paper")
     m.add_argument("--lr-decay", default="linear", choices=("linear", "none"),
                    help="linear: both learning rates fall linearly to 0 over the run's steps, as the authors' code")
@@ -193,7 +193,7 @@ class ResNetDiscriminator(nn.Module):
         super().__init__()
         _, n = common.conv_plan(image_size, "--arch resnet", smallest=4)
         _, _, ch = resnet_channels(image_size, width)
-        if strided:  # seed report 003's "strided ResNet": one stride-2 conv replaces the full-resolution block
+        if strided:  # report 003's "strided ResNet": one stride-2 conv replaces the full-resolution block
             first = nn.Sequential(nn.Conv2d(channels, ch[0], 4, 2, 1), nn.ReLU())
         else:
             first = DBlock(channels, ch[0], first=True)

@@ -42,7 +42,9 @@ def parse_args(argv=None):
                         "ablations); wgan_gp.py's flag of the same name offers layer|none")
     m.add_argument("--latent-dim", type=common.positive_int, default=100, help="size of z ~ N(0, I); 100 in the authors' code")
     m.add_argument("--batch-size", type=common.positive_int, default=64, help="m = 64 in Algorithm 1")
-    m.add_argument("--epochs", type=common.positive_int, default=100, help="passes over the data seen by the critic")
+    m.add_argument("--epochs", type=common.positive_int, default=100,
+                   help="passes over the data seen by the critic (ours: the papers count generator iterations, "
+                        "which --max-steps sets)")
     m.add_argument("--optimizer", default="rmsprop", choices=("rmsprop", "adam"),
                    help="RMSProp as in Algorithm 1 (Adam with momentum was unstable, Sec. 4); adam uses --beta1/--beta2")
     m.add_argument("--lr-g", type=common.positive_float, default=5e-5, help="G's learning rate; alpha = 5e-5 in Algorithm 1")
@@ -107,7 +109,8 @@ class Critic(nn.Module):
 
 
 class MLPGenerator(nn.Module):
-    """z -> 3 x (512, ReLU) -> pixels, tanh: the paper's Sec. 4.3 MLP (no BatchNorm, unlike dcgan.py's MLP G)."""
+    """z -> 3 x (512, ReLU) -> pixels, tanh: the MLP of the authors' code (the paper's Sec. 4.3 says 4 layers);
+    no BatchNorm, unlike dcgan.py's MLP G."""
 
     def __init__(self, latent_dim, channels, image_size, width=512):
         super().__init__()

@@ -43,7 +43,9 @@ def parse_args(argv=None):
                         "(Sec. 4), or none; never BatchNorm")
     m.add_argument("--latent-dim", type=common.positive_int, default=128, help="size of z ~ N(0, I); 128 in the authors' code")
     m.add_argument("--batch-size", type=common.positive_int, default=64, help="m = 64 in Algorithm 1")
-    m.add_argument("--epochs", type=common.positive_int, default=100, help="passes over the data seen by the critic")
+    m.add_argument("--epochs", type=common.positive_int, default=100,
+                   help="passes over the data seen by the critic (ours: the papers count generator iterations, "
+                        "which --max-steps sets)")
     m.add_argument("--lr-g", type=common.positive_float, default=1e-4, help="G's Adam learning rate; alpha = 1e-4 in Algorithm 1")
     m.add_argument("--lr-d", type=common.positive_float, default=1e-4,
                    help="critic's Adam learning rate; alpha = 1e-4 in Algorithm 1")

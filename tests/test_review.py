@@ -495,6 +495,23 @@ def test_optimizer_state_loads_on_another_device_layout(tmp_path):
     opt2.step()  # and it steps
 
 
+def test_adam_step_counter_goes_where_this_devices_optimiser_wants_it():
+    """A CPU run's checkpoint resumed where Adam is fused (CUDA): the step counter must be on the parameters'
+    device, or fused Adam stops with 'Expected all tensors to be on the same device'. `meta` parameters stand in
+    for the GPU's. Catches a plain load_state_dict, which places the counter by the saved group's flags. (The
+    reverse, a CUDA counter kept on an MPS device, needs two real devices to show.)"""
+    p = torch.nn.Parameter(torch.randn(3, 3))
+    opt = torch.optim.Adam([p], 1e-3)
+    p.grad = torch.randn(3, 3)
+    opt.step()
+    saved = opt.state_dict()
+    q = torch.nn.Parameter(torch.empty(3, 3, device="meta"))
+    fused = torch.optim.Adam([q], 1e-3)
+    fused.param_groups[0]["fused"] = True  # as pick_device's CUDA runs build it
+    common.load_optimizer(fused, saved)
+    assert fused.state[q]["step"].device == q.device and fused.state[q]["step"].dtype == torch.float32
+
+
 def test_inception_score_with_fewer_samples_than_splits_is_finite():
     """5 one-hot samples of 5 classes: 5 splits of 1 (IS 1 each), not 10 with 5 empty ones (NaN)."""
     mean, std = common.inception_score(torch.eye(5), splits=10, generator=torch.Generator().manual_seed(0))
