@@ -421,18 +421,23 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True,
     """
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
-    if not alone and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # Under torchrun the first process of each machine loads first (downloads, decodes, writes caches);
-        # the others wait, then read what it wrote.
-        first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-        if not first:
-            dist.barrier()
-        try:
-            return _load_dataset(name, root, image_size, device, train)
-        finally:
-            if first:
-                dist.barrier()
-    return _load_dataset(name, root, image_size, device, train)
+    if alone or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return _load_dataset(name, root, image_size, device, train)
+    # Under torchrun, in three turns: process 0 loads first (downloads, decodes, writes caches: a --data-root shared
+    # between machines is written once), then the first process of each other machine (its own disk), then the
+    # rest, which read what was written. A failure waits for the turns to end, so every process fails alike.
+    rank, _, local_rank = distributed_env()
+    turn, data, error = 0 if rank == 0 else 1 if local_rank == 0 else 2, None, None
+    for t in range(3):
+        if t == turn:
+            try:
+                data = _load_dataset(name, root, image_size, device, train)
+            except UsageError as e:
+                error = e
+        dist.barrier()
+    if error is not None:
+        raise error
+    return data
 
 
 def _load_dataset(name, root, image_size, device, train):
@@ -841,6 +846,10 @@ def pick_device(name="auto", local_rank=None):
         torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         if local_rank is not None:
             count = torch.cuda.device_count()
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+            if count == 1 and local_world > 1 and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+                raise UsageError(f"torchrun started {local_world} processes on this machine, but it has 1 CUDA "
+                                 f"device: --nproc_per_node 1")
             index = 0 if count == 1 else local_rank  # one visible device per process (CUDA_VISIBLE_DEVICES): cuda:0
             if index >= count:
                 raise UsageError(f"torchrun started local rank {local_rank}, but this machine has {count} CUDA "
@@ -862,8 +871,15 @@ def init_distributed(device):
     """Join torchrun's process group: NCCL between CUDA devices, gloo between CPU processes. The timeout (how long
     a process waits in a collective) is 2 hours, not the default 10 (NCCL) or 30 minutes (gloo): the others wait
     while rank 0 alone evaluates (50k Inception passes) or trains the evaluation classifier."""
+    import atexit
     import datetime
+    import gc
     if not dist.is_initialized():
+        # DDP's reducer and the process group sit in reference cycles, freed by the garbage collector; left to the
+        # interpreter's shutdown, a gloo thread then releases the last all-reduce's tensors after Python has
+        # stopped taking threads, and the process aborts ("terminate called without an active exception", about
+        # 1 run in 4 here when one process had waited long). Collected at exit, before that point, they close.
+        atexit.register(gc.collect)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
                                 device_id=device if device.type == "cuda" else None)
 
@@ -1229,12 +1245,15 @@ class Run:
 
     # -- the loop ---------------------------------------------------------------------------------
     def __enter__(self):
+        self._paused = 0.0
+        if self.state is None and self.rank == 0:
+            self._save()
+        if self.world > 1:  # the clocks start together: not while rank 0 still trains its evaluation classifier
+            dist.barrier()
         self.t0 = self._t_log = time.time()
         self._paused = self._paused_log = 0.0
         self.first_step, self._step_log, self._pos_log = self.step, self.step, self.batches.position
         self.max_seconds = None if self.args.max_minutes is None else 60 * self.args.max_minutes
-        if self.state is None and self.rank == 0:
-            self._save()
         try:  # Ctrl-C only raises a flag: the loop finishes its step, then the run saves and exits 130
             self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         except ValueError:  # not the main thread: leave Ctrl-C alone
@@ -1268,6 +1287,8 @@ class Run:
         if step % self.args.log_every == 0:
             self._log_stats()
         if self.rank:  # the others go on training while rank 0 saves and evaluates
+            if step % self.args.sample_every == 0:
+                self._check_weights()  # as rank 0's save does: the same weights, so all stop together on NaN
             return
         if step % self.args.sample_every == 0:
             self._save()
@@ -1351,10 +1372,7 @@ class Run:
         """checkpoint.pt (everything needed to continue exactly) and the sample grid of this step."""
         t = time.time()
         if self.step > 0:  # never overwrite the last good checkpoint with a diverged model
-            for name, obj in self.objects.items():
-                tensors = [*obj.parameters(), *obj.buffers()] if isinstance(obj, nn.Module) else []
-                if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():  # one sync
-                    raise Diverged(f"{name}'s weights or statistics became non-finite by step {self.step}")
+            self._check_weights()
         data = self.data
         save_checkpoint(self.dir / "checkpoint.pt", {
             "script": self.script, "args": flags(self.args), "step": self.step, "position": self.batches.position,
@@ -1366,6 +1384,12 @@ class Run:
         save_grid(self.sample(self.fixed_z, self.fixed_y), self.dir / "samples" / f"step_{self.step:07d}.png",
                   nrow=10 if self.num_classes else 8)
         self._paused += time.time() - t
+
+    def _check_weights(self):
+        for name, obj in self.objects.items():
+            tensors = [*obj.parameters(), *obj.buffers()] if isinstance(obj, nn.Module) else []
+            if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():  # one sync
+                raise Diverged(f"{name}'s weights or statistics became non-finite by step {self.step}")
 
     def _sample_n(self, n, generator):
         y = balanced_labels(n, self.num_classes, self.device) if self.num_classes else None

@@ -5,6 +5,9 @@
     PROBE_DUMP=DIR          every process writes DIR/start<r>.pt and DIR/rank<r>.pt: its G and D states when
                             training starts and at the end
     PROBE_FAIL=RANK:STEP    that process raises at that step (a crashing process must end every process)
+    PROBE_SLOW_START=S      rank 0's evaluator takes S seconds more to build (as a first run's classifier training)
+    PROBE_NAN_AT=STEP       every process's G weights become NaN at that step (the losses stay finite until the next
+                            forward: only the weight check at a sample step can see it)
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_probe.py SCRIPT [flags]
 """
@@ -44,6 +47,25 @@ if os.environ.get("PROBE_FAIL"):
             raise RuntimeError(f"probe: rank {self.rank} fails at step {step}")
         return end_step(self, step, **stats)
     common.Run.end_step = failing_end_step
+
+if os.environ.get("PROBE_NAN_AT"):
+    nan_step, nan_end_step = int(os.environ["PROBE_NAN_AT"]), common.Run.end_step
+
+    def nan_end_step_(self, step, **stats):
+        if step == nan_step:
+            with torch.no_grad():
+                next(self.objects["G"].parameters()).fill_(float("nan"))
+        return nan_end_step(self, step, **stats)
+    common.Run.end_step = nan_end_step_
+
+if os.environ.get("PROBE_SLOW_START"):
+    evaluator_init = common.Evaluator.__init__
+
+    def slow_evaluator_init(self, *a, **kw):
+        import time
+        time.sleep(float(os.environ["PROBE_SLOW_START"]))
+        evaluator_init(self, *a, **kw)
+    common.Evaluator.__init__ = slow_evaluator_init
 
 if os.environ.get("PROBE_DUMP"):
     restore, finish = common.Run.restore, common.Run.finish

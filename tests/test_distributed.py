@@ -127,6 +127,32 @@ def test_a_crashing_process_ends_every_process(tmp_path, data_root):
     assert common.load_checkpoint(out / "checkpoint.pt", "sngan")["step"] == 2
 
 
+def test_non_finite_weights_stop_every_process_alike(tmp_path, data_root):
+    """G's weights turn NaN at step 3, a sample step but not a log step: every process finds it in the weights and
+    stops (exit 1, the reason in words, the checkpoint of the last good step kept), none is left in a collective
+    with a peer gone. Catches the check on rank 0 alone: the other process dies in gloo with a connection error."""
+    out = tmp_path / "run"
+    r = launch([PROBE, "sngan"] + BASE + SCRIPT_FLAGS["sngan"] + ["--max-steps", "20", "--log-every", "2",
+               "--sample-every", "3", "--eval-every", "0", "--data-root", data_root, "--out", out], tmp_path,
+               env={"PROBE_NAN_AT": "3"}, timeout=120)
+    assert r.returncode != 0 and "G's weights or statistics became non-finite by step 3" in r.stderr, r.stderr[-3000:]
+    assert "exitcode  : 1 " in r.stderr and "Connection" not in r.stderr and "gloo" not in r.stderr, r.stderr[-3000:]
+    assert common.load_checkpoint(out / "checkpoint.pt", "sngan")["step"] == 0
+
+
+def test_max_minutes_starts_when_every_process_starts(tmp_path, data_root):
+    """Rank 0 builds its evaluator (a first run trains the classifier, RGB data computes Inception features of the
+    real images) while the others wait: --max-minutes must count from when all start training. Catches clocks
+    started before that: the others' clocks run out first and stop rank 0 after the budget minus its setup."""
+    out = tmp_path / "run"
+    r = launch([PROBE, "sngan"] + BASE + SCRIPT_FLAGS["sngan"] + ["--max-minutes", "0.15", "--log-every", "2",
+               "--sample-every", "1000", "--eval-every", "0", "--data-root", data_root, "--out", out], tmp_path,
+               env={"PROBE_SLOW_START": "6"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    elapsed = [row["elapsed_s"] for row in common.read_metrics(out / "metrics.jsonl") if "elapsed_s" in row]
+    assert elapsed and elapsed[-1] >= 8, elapsed  # 9 s of training; the bug leaves about 3
+
+
 def test_ctrl_c_ends_every_process_at_one_step_and_keeps_the_checkpoint(tmp_path, data_root):
     """Ctrl-C (SIGINT to torchrun, which passes it on) during a long run: both processes stop at the same log step
     (they agree there), rank 0 saves that step, and everything exits within seconds. Catches a process that goes
@@ -167,7 +193,8 @@ def test_bad_input_under_torchrun_is_one_line_from_each_process(tmp_path, data_r
 def test_devices_under_torchrun(monkeypatch):
     """One CUDA device per local rank (set as the current device; cuda:0 where each process sees one), MPS refused
     in words (PyTorch has no process group backend for it), `auto` on a Mac falls back to CPU processes, a local
-    rank beyond the machine's GPUs is refused. Mocked: this machine has no GPU."""
+    rank beyond the machine's GPUs is refused, and so are several processes on a machine's only GPU (NCCL would
+    fail with "Duplicate GPU detected"). Mocked: this machine has no GPU."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     chosen = []
@@ -176,9 +203,46 @@ def test_devices_under_torchrun(monkeypatch):
     with pytest.raises(common.UsageError, match="2 CUDA devices"):
         common.pick_device("cuda", 2)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one visible device per process (a scheduler's way)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     assert common.pick_device("cuda", 3) == torch.device("cuda", 0) and chosen[-1] == 0
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # a machine with one GPU, torchrun asked for 4 processes on it
+    with pytest.raises(common.UsageError, match="4 processes on this machine, but it has 1 CUDA device"):
+        common.pick_device("cuda", 3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert common.pick_device("auto", 0) == torch.device("cpu") and common.pick_device("auto") == torch.device("mps")
     with pytest.raises(common.UsageError, match="no process-group backend for MPS"):
         common.pick_device("mps", 0)
+
+
+@pytest.mark.parametrize("rank,local_rank,turn", [(0, 0, 0), (8, 0, 1), (9, 1, 2), (1, 1, 2)])
+def test_dataset_is_loaded_in_turns(monkeypatch, rank, local_rank, turn):
+    """Process 0 loads first, then the first process of each other machine, then the rest; each process passes
+    three barriers, and a load that fails raises only after the third (else the others would wait for hours).
+    Catches every machine's first process writing a shared --data-root at once, and a failing process that
+    leaves the barriers. The process group is mocked: barriers are counted."""
+    barriers, loaded_after = [], []
+    monkeypatch.setattr(common.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(common.dist, "get_world_size", lambda: 16)
+    monkeypatch.setattr(common.dist, "barrier", lambda: barriers.append(1))
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    real = common._load_dataset
+
+    def load(*a):
+        loaded_after.append(len(barriers))
+        return real(*a)
+    monkeypatch.setattr(common, "_load_dataset", load)
+    data = common.load_dataset("fake")
+    assert loaded_after == [turn] and len(barriers) == 3 and len(data) == 1024
+    barriers.clear()
+
+    def failing(*a):
+        loaded_after.append(len(barriers))
+        raise common.UsageError("no such data")
+    monkeypatch.setattr(common, "_load_dataset", failing)
+    with pytest.raises(common.UsageError, match="no such data"):
+        common.load_dataset("fake")
+    assert len(barriers) == 3
