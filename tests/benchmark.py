@@ -3,6 +3,7 @@
     python tests/benchmark.py                  # every script, float32 and (where native) bf16
     python tests/benchmark.py --steps 100 --scripts dcgan wgan_gp
     python tests/benchmark.py --processes             # also: 1 process vs torchrun with 2 (CPU: gloo)
+    python tests/benchmark.py --compile --scripts dcgan   # also: G and D compiled (torch.compile), default precision
 
 Images/s come from each script's own training loop (its metrics.jsonl, data batching included)
 on the generated `fake` data, at the script's default width and batch size (WGAN-clip without
@@ -67,6 +68,24 @@ class GlobalOnly:
         return False
 
 
+def compiled(module, argv, tmp):
+    """The same run with every network the script distributes (G and D) compiled in place (`nn.Module.compile`),
+    so all its calls, the plain D of the G step included, go through torch.compile; compile time falls in the
+    warm-up window. Returns the run's rows, or the error that stopped it."""
+    distribute = common.Run.distribute
+
+    def compile_then_distribute(self, net):
+        net.compile()
+        return distribute(self, net)
+    common.Run.distribute = compile_then_distribute
+    try:
+        return run(module, argv, tmp)
+    except Exception as e:  # e.g. the gradient penalty's double backward
+        return f"fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    finally:
+        common.Run.distribute = distribute
+
+
 def flops_per_iteration(module, argv, tmp):
     run(module, argv + ["--max-steps", "1", "--eval-samples", "10"], tmp)  # trains the classifier outside the count
     counts = []
@@ -104,6 +123,7 @@ def main(argv=None):
     p.add_argument("--scripts", nargs="*", default=None, help="only these scripts")
     p.add_argument("--device", default="auto")
     p.add_argument("--processes", action="store_true", help="also compare 1 process with torchrun's 2 (CPU, gloo)")
+    p.add_argument("--compile", action="store_true", help="also time each case with G and D compiled")
     args = p.parse_args(argv)
     device = common.pick_device(args.device)
     fp32, bf16 = matmul_rate(device, torch.float32), matmul_rate(device, torch.bfloat16)
@@ -120,14 +140,19 @@ def main(argv=None):
             base = ["--dataset", "fake", "--device", str(device), "--data-root", data_root, "--log-every", "10",
                     "--sample-every", "100000", "--eval-every", "0", *extra]
             flops = flops_per_iteration(module, base, tmp)
-            for amp in ([] if common.precision(device)[0] is None else [[]]) + [["--no-amp"]]:
-                rows = run(module, base + amp + ["--max-steps", str(args.steps + 10), "--eval-samples", "100"], tmp)
+            for amp in ([] if common.precision(device)[0] is None else [[]]) + [["--no-amp"]] + \
+                    ([["compile"]] if args.compile else []):
+                timed = base + ["--max-steps", str(args.steps + 10), "--eval-samples", "100"]
+                rows = compiled(module, timed, tmp) if amp == ["compile"] else run(module, timed + amp, tmp)
+                if isinstance(rows, str):
+                    print(f"| {script} | {' '.join(extra) or '(defaults)'} | compiled | {rows} | | | | |", flush=True)
+                    continue
                 train = [r for r in rows if "images_per_s" in r][1:]  # drop the warm-up window
                 ips = sum(r["images_per_s"] for r in train) / len(train)
                 saved = vars(module.parse_args(base))
                 per_iter = saved["batch_size"] * saved["n_dis"]  # real images per iteration (D's batch)
                 rate = flops * ips / per_iter
-                name = "float32" if amp else "bf16 autocast"
+                name = {"": "bf16 autocast", "--no-amp": "float32", "compile": f"compiled, {native}"}[" ".join(amp)]
                 print(f"| {script} | {' '.join(extra) or '(defaults)'} | {name} | {ips:.0f} | {flops / 1e9:.2f} | "
                       f"{rate / 1e9:.0f} | {100 * rate / fp32:.0f}% | {100 * rate / bf16:.0f}% |", flush=True)
         if args.processes:
