@@ -425,18 +425,24 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True,
         return _load_dataset(name, root, image_size, device, train)
     # Under torchrun, in three turns: process 0 loads first (downloads, decodes, writes caches: a --data-root shared
     # between machines is written once), then the first process of each other machine (its own disk), then the
-    # rest, which read what was written. A failure waits for the turns to end, so every process fails alike.
+    # rest, which read what was written. After each turn the processes agree whether one failed: then all stop
+    # (the failed one with its error, the others in one line), and no later turn retries the download.
     rank, _, local_rank = distributed_env()
     turn, data, error = 0 if rank == 0 else 1 if local_rank == 0 else 2, None, None
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     for t in range(3):
         if t == turn:
             try:
                 data = _load_dataset(name, root, image_size, device, train)
-            except UsageError as e:
+            except Exception as e:  # any failure, not only ours: a process leaving the turns would hang the others
                 error = e
-        dist.barrier()
-    if error is not None:
-        raise error
+        failed = torch.tensor([float(error is not None)], device=on)
+        dist.all_reduce(failed, dist.ReduceOp.MAX)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise UsageError(f"another process could not load {name} (its error is printed above, or in its "
+                             f"machine's log)")
     return data
 
 
@@ -847,9 +853,10 @@ def pick_device(name="auto", local_rank=None):
         if local_rank is not None:
             count = torch.cuda.device_count()
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-            if count == 1 and local_world > 1 and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            chosen = any(os.environ.get(v) for v in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"))
+            if count == 1 and local_world > 1 and not chosen:  # (a per-process device choice shows one device each)
                 raise UsageError(f"torchrun started {local_world} processes on this machine, but it has 1 CUDA "
-                                 f"device: --nproc_per_node 1")
+                                 f"device: --nproc_per_node 1, or --device cpu")
             index = 0 if count == 1 else local_rank  # one visible device per process (CUDA_VISIBLE_DEVICES): cuda:0
             if index >= count:
                 raise UsageError(f"torchrun started local rank {local_rank}, but this machine has {count} CUDA "
@@ -1286,9 +1293,9 @@ class Run:
         self.meter.add(**stats)
         if step % self.args.log_every == 0:
             self._log_stats()
+        if step % self.args.sample_every == 0 and self.world > 1:
+            self._check_weights(agree=True)  # before rank 0 saves: all processes stop together on NaN
         if self.rank:  # the others go on training while rank 0 saves and evaluates
-            if step % self.args.sample_every == 0:
-                self._check_weights()  # as rank 0's save does: the same weights, so all stop together on NaN
             return
         if step % self.args.sample_every == 0:
             self._save()
@@ -1385,10 +1392,18 @@ class Run:
                   nrow=10 if self.num_classes else 8)
         self._paused += time.time() - t
 
-    def _check_weights(self):
-        for name, obj in self.objects.items():
-            tensors = [*obj.parameters(), *obj.buffers()] if isinstance(obj, nn.Module) else []
-            if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():  # one sync
+    def _check_weights(self, agree=False):
+        """Diverged if a model's weights or statistics are non-finite. `agree`: every process takes the verdict
+        of all (weights are equal in every process, BatchNorm statistics need not be)."""
+        names = [n for n, obj in self.objects.items() if isinstance(obj, nn.Module) and len(obj.state_dict())]
+        if not names:
+            return
+        bad = torch.stack([torch.stack([~torch.isfinite(t).all() for t in [*obj.parameters(), *obj.buffers()]]).any()
+                           for obj in (self.objects[n] for n in names)]).float()
+        if agree:
+            dist.all_reduce(bad, dist.ReduceOp.MAX)
+        for name, b in zip(names, bad.tolist()):  # one sync
+            if b:
                 raise Diverged(f"{name}'s weights or statistics became non-finite by step {self.step}")
 
     def _sample_n(self, n, generator):

@@ -32,10 +32,22 @@ SCRIPT_FLAGS = {  # the configurations with the DDP traps: SN's u buffers and G'
 
 
 def launch(argv, tmp_path, processes=2, env=None, timeout=180):
-    """Run `python SCRIPT.py argv` (processes=1) or the same under torchrun; return the CompletedProcess."""
+    """Run `python SCRIPT.py argv` (processes=1) or the same under torchrun; return the CompletedProcess. On timeout
+    (a hang) torchrun gets SIGTERM, which it passes to its workers (they run in sessions of their own: killing
+    torchrun alone would leave them waiting in a collective for hours), then the test fails."""
     cmd = (TORCHRUN if processes == 2 else [sys.executable]) + [str(a) for a in argv]
-    return subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+    p = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        try:
+            p.communicate(timeout=60)
+        finally:
+            p.kill()
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 def probe(script, argv, tmp_path, dump, processes, resume=None):
@@ -206,7 +218,8 @@ def test_devices_under_torchrun(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     assert common.pick_device("cuda", 3) == torch.device("cuda", 0) and chosen[-1] == 0
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")  # a machine with one GPU, torchrun asked for 4 processes on it
+    for chooser in ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES"):
+        monkeypatch.delenv(chooser, raising=False)  # a machine with one GPU, torchrun asked for 4 processes on it
     with pytest.raises(common.UsageError, match="4 processes on this machine, but it has 1 CUDA device"):
         common.pick_device("cuda", 3)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -218,31 +231,48 @@ def test_devices_under_torchrun(monkeypatch):
 
 @pytest.mark.parametrize("rank,local_rank,turn", [(0, 0, 0), (8, 0, 1), (9, 1, 2), (1, 1, 2)])
 def test_dataset_is_loaded_in_turns(monkeypatch, rank, local_rank, turn):
-    """Process 0 loads first, then the first process of each other machine, then the rest; each process passes
-    three barriers, and a load that fails raises only after the third (else the others would wait for hours).
-    Catches every machine's first process writing a shared --data-root at once, and a failing process that
-    leaves the barriers. The process group is mocked: barriers are counted."""
-    barriers, loaded_after = [], []
+    """Process 0 loads first, then the first process of each other machine, then the rest, agreeing after each turn
+    whether one failed. A failure of this process (ours or any other exception) is raised right after its turn's
+    agreement; a failure elsewhere stops this process in one line, before its own turn (no retried download).
+    Catches every machine's first process writing a shared --data-root at once, a process that leaves the turns
+    (the others would wait for hours), and processes that go on training after another failed. The process group
+    is mocked: the agreement's all-reduce sees the flag of this process and, when asked, of a failing other."""
+    calls, loaded_after, other_fails_at = [], [], [None]
+
+    def all_reduce(flag, op=None):
+        if other_fails_at[0] == len(calls):
+            flag.fill_(1.0)
+        calls.append(1)
     monkeypatch.setattr(common.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(common.dist, "get_world_size", lambda: 16)
-    monkeypatch.setattr(common.dist, "barrier", lambda: barriers.append(1))
+    monkeypatch.setattr(common.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(common.dist, "all_reduce", all_reduce)
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("LOCAL_RANK", str(local_rank))
     real = common._load_dataset
 
     def load(*a):
-        loaded_after.append(len(barriers))
+        loaded_after.append(len(calls))
         return real(*a)
     monkeypatch.setattr(common, "_load_dataset", load)
     data = common.load_dataset("fake")
-    assert loaded_after == [turn] and len(barriers) == 3 and len(data) == 1024
-    barriers.clear()
+    assert loaded_after == [turn] and len(calls) == 3 and len(data) == 1024
 
-    def failing(*a):
-        loaded_after.append(len(barriers))
-        raise common.UsageError("no such data")
-    monkeypatch.setattr(common, "_load_dataset", failing)
-    with pytest.raises(common.UsageError, match="no such data"):
-        common.load_dataset("fake")
-    assert len(barriers) == 3
+    for error in (common.UsageError("no such data"), EOFError("truncated archive")):
+        calls.clear()
+
+        def failing(*a, error=error):
+            raise error
+        monkeypatch.setattr(common, "_load_dataset", failing)
+        with pytest.raises(type(error), match=str(error)):
+            common.load_dataset("fake")
+        assert len(calls) == turn + 1  # raised at its own turn's agreement, the later turns not taken
+
+    if turn > 0:  # another process fails in turn 0: this one stops there, one line, without loading
+        calls.clear(), loaded_after.clear()
+        monkeypatch.setattr(common, "_load_dataset", load)
+        other_fails_at[0] = 0
+        with pytest.raises(common.UsageError, match="another process could not load fake"):
+            common.load_dataset("fake")
+        assert loaded_after == [] and len(calls) == 1
