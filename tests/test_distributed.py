@@ -139,6 +139,18 @@ def test_a_crashing_process_ends_every_process(tmp_path, data_root):
     assert common.load_checkpoint(out / "checkpoint.pt", "sngan")["step"] == 2
 
 
+def test_a_process_without_data_stops_every_process_in_words(tmp_path, data_root):
+    """Process 1 cannot load the data (its turn comes after process 0's): both stop at that turn, process 1 with
+    its reason, process 0 in one line saying another process failed; nobody trains on into a dead peer (a gloo
+    connection error) or waits. Catches processes that agree on nothing after loading."""
+    r = launch([PROBE, "sngan"] + BASE + SCRIPT_FLAGS["sngan"] + ["--max-steps", "4", "--data-root", data_root,
+               "--out", tmp_path / "run"], tmp_path, env={"PROBE_DATA_FAIL": "1"}, timeout=120)
+    assert r.returncode != 0
+    assert "sngan.py: error: probe: rank 1 finds no data" in r.stderr, r.stderr[-3000:]
+    assert "sngan.py: error: another process could not load fake" in r.stderr, r.stderr[-3000:]
+    assert "Connection" not in r.stderr and 'File "' + str(ROOT / "common.py") not in r.stderr, r.stderr[-3000:]
+
+
 def test_non_finite_weights_stop_every_process_alike(tmp_path, data_root):
     """G's weights turn NaN at step 3, a sample step but not a log step: every process finds it in the weights and
     stops (exit 1, the reason in words, the checkpoint of the last good step kept), none is left in a collective
