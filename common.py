@@ -1395,14 +1395,14 @@ class Run:
     def _check_weights(self, agree=False):
         """Diverged if a model's weights or statistics are non-finite. `agree`: every process takes the verdict
         of all (weights are equal in every process, BatchNorm statistics need not be)."""
-        names = [n for n, obj in self.objects.items() if isinstance(obj, nn.Module) and len(obj.state_dict())]
-        if not names:
+        tensors = {n: [*obj.parameters(), *obj.buffers()] for n, obj in self.objects.items() if isinstance(obj, nn.Module)}
+        tensors = {n: ts for n, ts in tensors.items() if ts}
+        if not tensors:
             return
-        bad = torch.stack([torch.stack([~torch.isfinite(t).all() for t in [*obj.parameters(), *obj.buffers()]]).any()
-                           for obj in (self.objects[n] for n in names)]).float()
+        bad = torch.stack([torch.stack([~torch.isfinite(t).all() for t in ts]).any() for ts in tensors.values()]).float()
         if agree:
             dist.all_reduce(bad, dist.ReduceOp.MAX)
-        for name, b in zip(names, bad.tolist()):  # one sync
+        for name, b in zip(tensors, bad.tolist()):  # one sync
             if b:
                 raise Diverged(f"{name}'s weights or statistics became non-finite by step {self.step}")
 
