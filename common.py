@@ -129,6 +129,11 @@ def add_common_args(p, script):
                    help="under torchrun on CUDA: BatchNorm statistics per process (over --batch-size / processes "
                         "images) instead of over the whole batch (SyncBatchNorm, the default, so that N processes "
                         "train the network one process would). CPU processes (gloo) cannot sync: always per process")
+    g.add_argument("--dist-timeout-minutes", type=positive_float, default=30,
+                   help="under torchrun: how long a process waits for the others in a collective before it stops with "
+                        "an error (default 30): a dead machine's peers stop after that long. It must exceed rank 0's "
+                        "longest lone work, which the others wait for: an evaluation of --eval-samples images, and on "
+                        "first use the evaluation classifier's training or the real images' Inception features")
     g.add_argument("--no-amp", action="store_true",
                    help="train in float32 even where the hardware computes bfloat16 natively (CUDA with compute "
                         "capability >= 8, CPUs with AMX or AVX512-BF16), where bf16 autocast is the default")
@@ -148,9 +153,14 @@ def add_common_args(p, script):
     g.add_argument("--inception-weights", default=None, metavar="PATH",
                    help=f"local copy of torch-fidelity's TF-ported Inception weights ({INCEPTION_FILE}) for IS/FID/KID "
                         "on RGB data; default: torch-fidelity's download (its torch hub cache when offline)")
-    g.add_argument("--resume", default=None, metavar="PATH",
+    g.add_argument("--resume", default=None, metavar="PATH|auto",
                    help="continue from a checkpoint.pt with its settings; only the length, device, output and "
-                        "logging flags you type may change them")
+                        "logging flags you type may change them. auto: continue the run in --out if it holds a "
+                        "checkpoint, else start it (one command for a job's first submission and every requeue)")
+    g.add_argument("--checkpoint-minutes", type=nonneg_float, default=30,
+                   help="also save checkpoint.pt when this many minutes of wall clock have passed since the last save "
+                        "(default 30; 0: only every --sample-every steps), so a node that dies unannounced loses "
+                        "at most this much")
     g.add_argument("--generate", type=positive_int, default=None, metavar="N",
                    help="no training: load --checkpoint and write N samples to generated.npz in --out "
                         "(default: the checkpoint's folder)")
@@ -173,16 +183,27 @@ def flags(args):
 # Flags a resumed run may change; everything else comes from the checkpoint.
 RESUMABLE = {"resume", "max_steps", "epochs", "max_minutes", "device", "out", "log_every", "sample_every",
              "eval_every", "eval_samples", "eval_real", "inception_weights", "no_amp", "no_sync_bn", "data_root",
-             "overwrite", "generate", "checkpoint"}
+             "overwrite", "generate", "checkpoint", "checkpoint_minutes", "dist_timeout_minutes"}
 
 
 def resume(args, script):
     """With --resume: (the checkpoint's settings, overridden by the RESUMABLE flags typed on this command line,
-    and the checkpoint). A typed flag that would change the model or its training is refused. Without: (args, None)."""
+    and the checkpoint). A typed flag that would change the model or its training is refused, unless it repeats the
+    checkpoint's value (a requeued job runs its first command again). Without: (args, None).
+
+    --resume auto: --out's checkpoint.pt when it exists (resume), else a fresh run (args.resume becomes None)."""
+    if args.resume == "auto":
+        if not args.out or "out" not in args._typed:
+            raise UsageError("--resume auto needs --out DIR: the run to continue, or to start when DIR holds none")
+        if args.overwrite:
+            raise UsageError("--resume auto and --overwrite exclude each other (a requeued job would replace its own run)")
+        found = Path(args.out) / "checkpoint.pt"
+        args.resume = str(found) if found.exists() else None
     if not args.resume:
         return args, None
     state = load_checkpoint(args.resume, script)
-    fixed = sorted(args._typed - RESUMABLE)
+    saved = state["args"]
+    fixed = sorted(f for f in args._typed - RESUMABLE if f not in saved or getattr(args, f) != saved[f])
     if fixed:
         raise UsageError(f"--resume keeps the checkpoint's settings; {', '.join('--' + f.replace('_', '-') for f in fixed)} "
                          f"cannot change (allowed: length, device, output and logging flags)")
@@ -661,10 +682,14 @@ def get_classifier(dataset, data_root, device):
         correct = sum((net(to_float(test.images[i:i + 1000].to(device))).argmax(1).cpu() == test.labels[i:i + 1000].cpu())
                       .sum().item() for i in range(0, len(test), 1000))
     net.test_accuracy = correct / len(test)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, {"model": {k: v.cpu() for k, v in net.state_dict().items()},
-                           "shape": (train.channels, size, train.num_classes), "test_accuracy": net.test_accuracy})
     print(f"  {dataset} classifier test accuracy {net.test_accuracy:.4f}", file=sys.stderr)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(path, {"model": {k: v.cpu() for k, v in net.state_dict().items()},
+                               "shape": (train.channels, size, train.num_classes), "test_accuracy": net.test_accuracy})
+    except OSError as e:  # a read-only --data-root or a full disk: this run uses it from memory, the next trains again
+        print(f"warning: cannot cache the evaluation classifier in {path} ({e.strerror or e}); using it from memory",
+              file=sys.stderr)
     return net
 
 
@@ -874,10 +899,11 @@ def distributed_env():
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_distributed(device):
-    """Join torchrun's process group: NCCL between CUDA devices, gloo between CPU processes. The timeout (how long
-    a process waits in a collective) is 2 hours, not the default 10 (NCCL) or 30 minutes (gloo): the others wait
-    while rank 0 alone evaluates (50k Inception passes) or trains the evaluation classifier."""
+def init_distributed(device, timeout_minutes=30):
+    """Join torchrun's process group: NCCL between CUDA devices, gloo between CPU processes. The timeout is how long
+    a process waits in a collective: for a machine that died (the others then stop with an error after that long,
+    and the job can be requeued from the last checkpoint), and while rank 0 alone trains the evaluation classifier,
+    computes the real images' Inception features or evaluates (--dist-timeout-minutes)."""
     import atexit
     import datetime
     import gc
@@ -887,7 +913,8 @@ def init_distributed(device):
         # stopped taking threads, and the process aborts ("terminate called without an active exception", about
         # 1 run in 4 here when one process had waited long). Collected at exit, before that point, they close.
         atexit.register(gc.collect)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
 
 
@@ -971,11 +998,15 @@ def save_checkpoint(path, state):
     so a crash or power cut mid-save keeps the previous file."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a quota, a second Ctrl-C: the old file stays, the torn temp file goes
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path, script):
@@ -1035,6 +1066,8 @@ class Meter:
         return dict(zip(keys, values.tolist()))
 
 
+# Signals that end a run as Ctrl-C does (Run.__enter__); SIGUSR1 is not on Windows.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "progress.gif", "generated.npz")
 RUN_PICTURES = ("losses.png", "interpolation.png", "class_histogram.png", "predictions.png",
                 "attention.png")  # and more per script
@@ -1092,7 +1125,7 @@ class Run:
         self.rank, self.world, local_rank = distributed_env()
         self.device = pick_device(args.device, local_rank)
         if self.world > 1:
-            init_distributed(self.device)
+            init_distributed(self.device, args.dist_timeout_minutes)
             if args.batch_size % self.world:
                 raise UsageError(f"--batch-size {args.batch_size} (the whole batch) does not split evenly over "
                                  f"{self.world} processes")
@@ -1112,7 +1145,7 @@ class Run:
         self.step = self.state["step"] if self.state else 0
         self.saved_step = self.step if self.state else None  # the checkpoint on disk
         self.metrics, self._eval_step, self.meter = {}, None, Meter()
-        self.interrupted, self._old_handler, self._last_print = False, None, 0.0
+        self.stop_signal, self._old_handlers, self._last_print = 0, {}, 0.0
         self.tty = sys.stdout.isatty() and self.rank == 0
         error = self._check_dir() if self.rank == 0 else None
         if self.world > 1:  # every process stops on rank 0's --out error, not only rank 0
@@ -1147,6 +1180,11 @@ class Run:
         """Remember what checkpoint.pt holds (models, optimisers, schedulers: anything with a state_dict);
         with --resume, load their states and the RNG states. Returns the data stream at the run's position."""
         self.data, self.objects = data, objects
+        nets = [m for obj in objects.values() if isinstance(obj, nn.Module) for m in obj.modules()]
+        if any(isinstance(m, nn.BatchNorm1d) for m in nets) and self.args.batch_size // self.world < 2:
+            # a BatchNorm1d's training statistics over one image are undefined (torch raises deep in the forward)
+            raise UsageError(f"--batch-size {self.args.batch_size}: {self.script}'s networks have BatchNorm1d layers, "
+                             f"which train on at least 2 images per process (--batch-size {2 * self.world} or more)")
         position = 0
         if self.state is not None:
             for name, obj in objects.items():
@@ -1221,7 +1259,10 @@ class Run:
         if self.rank == 0:  # rank 0 alone evaluates and writes
             self.evaluator = Evaluator(self.data, self.args.data_root, self.device, self.args.eval_samples,
                                        self.args.seed, self.args.eval_real, self.args.inception_weights)
-            self._prepare_dir()
+            try:
+                self._prepare_dir()
+            except OSError as e:
+                self._cannot_write(e)
             if self.world > 1:
                 print(f"{self.script}: {self.world} processes ({self.device.type}, "
                       f"{'SyncBatchNorm' if self.sync_bn else 'BatchNorm statistics per process'}), "
@@ -1240,7 +1281,7 @@ class Run:
             rows = []
         else:  # keep the log up to the checkpoint's step; a run resumed elsewhere takes its history along
             old = Path(self.args.resume).parent / "metrics.jsonl"
-            rows = [r for r in read_metrics(old) if r["step"] <= self.step] if old.exists() else []
+            rows = [r for r in read_metrics(old, warn=True) if r["step"] <= self.step] if old.exists() else []
             for p in self.dir.glob("samples/step_*.png"):
                 if int(p.stem[5:]) > self.step:
                     p.unlink()
@@ -1254,22 +1295,39 @@ class Run:
     def __enter__(self):
         self._paused = 0.0
         if self.state is None and self.rank == 0:
-            self._save()
+            try:
+                self._save()
+            except OSError as e:
+                self._cannot_write(e)
         if self.world > 1:  # the clocks start together: not while rank 0 still trains its evaluation classifier
             dist.barrier()
-        self.t0 = self._t_log = time.time()
+        self.t0 = self._t_log = self._t_saved = time.time()
         self._paused = self._paused_log = 0.0
         self.first_step, self._step_log, self._pos_log = self.step, self.step, self.batches.position
         self.max_seconds = None if self.args.max_minutes is None else 60 * self.args.max_minutes
-        try:  # Ctrl-C only raises a flag: the loop finishes its step, then the run saves and exits 130
-            self._old_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._old_handler = None
+        # Ctrl-C, and the signals schedulers send before they end a job (SLURM, Kubernetes and torchrun: SIGTERM;
+        # SLURM's --signal=USR1@120 warning), only raise a flag: the loop finishes its step, the run saves its
+        # checkpoint and exits with 128 + the signal's number (130, 143, 138), the shell's code for "ended by it".
+        try:
+            for sig in STOP_SIGNALS:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread: leave the signals alone
+            self._restore_signals()
         return self
 
-    def _on_sigint(self, signum, frame):
-        self.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C kills as usual
+    def _on_signal(self, signum, frame):
+        self.stop_signal = self.stop_signal or signum
+        # the same signal again ends the process as it would without us (a second Ctrl-C raises KeyboardInterrupt)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    def _restore_signals(self):
+        for sig, handler in self._old_handlers.items():  # also after an error: a notebook's next Ctrl-C must work
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+    @property
+    def interrupted(self):
+        return bool(self.stop_signal)
 
     def elapsed(self):
         return time.time() - self.t0
@@ -1280,10 +1338,10 @@ class Run:
         if self.world > 1 and step % self.args.log_every:  # processes agree on the clock and Ctrl-C at log steps
             return False
         timed_out = self.max_seconds is not None and self.elapsed() >= self.max_seconds
-        if self.world > 1:  # one process's clock or Ctrl-C (on its machine) stops them all, for the same reason
-            flags = torch.tensor([float(self.interrupted), float(timed_out)], device=self.device)
+        if self.world > 1:  # one process's clock or signal (on its machine) stops them all, for the same reason
+            flags = torch.tensor([float(self.stop_signal), float(timed_out)], device=self.device)
             dist.all_reduce(flags, dist.ReduceOp.MAX)
-            self.interrupted, timed_out = bool(flags[0]), bool(flags[1])
+            self.stop_signal, timed_out = int(flags[0]), bool(flags[1])
         return self.interrupted or timed_out
 
     def end_step(self, step, **stats):
@@ -1293,48 +1351,85 @@ class Run:
         self.meter.add(**stats)
         if step % self.args.log_every == 0:
             self._log_stats()
-        if step % self.args.sample_every == 0 and self.world > 1:
+        sample = step % self.args.sample_every == 0
+        # --checkpoint-minutes: at a log step, when that much wall clock has passed since the last save (rank 0's
+        # clock decides for every process). No sample grid: sampling would be the same, but grids between the
+        # --sample-every steps would make progress.gif uneven.
+        timed = (not sample and self.args.checkpoint_minutes and step % self.args.log_every == 0
+                 and self._agree(self.rank == 0 and time.time() - self._t_saved >= 60 * self.args.checkpoint_minutes))
+        if (sample or timed) and self.world > 1:
             self._check_weights(agree=True)  # before rank 0 saves: all processes stop together on NaN
         if self.rank:  # the others go on training while rank 0 saves and evaluates
             return
-        if step % self.args.sample_every == 0:
-            self._save()
+        if sample or timed:
+            self._save(grid=sample)
         if self.args.eval_every and step % self.args.eval_every == 0 and step < self.total:
             self._evaluate()
 
+    def _agree(self, flag):
+        """True in every process if `flag` is True in any (a collective under torchrun)."""
+        if self.world == 1:
+            return bool(flag)
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _cannot_write(self, e):
+        """A file operation failed (a full disk, a quota, a read-only file system): one line, exit 1. The checkpoint
+        on disk is the last one saved in full (save_checkpoint replaces it only by a complete file)."""
+        self._restore_signals()
+        kept = (f"last good checkpoint: {self.dir / 'checkpoint.pt'} (step {self.saved_step})"
+                if self.saved_step is not None else "no checkpoint was saved")
+        print(f"{self.script}.py: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}; stopped at "
+              f"step {self.step}, {kept}", file=sys.stderr)
+        raise SystemExit(1) from None
+
     def __exit__(self, kind, err, tb):
-        if self._old_handler is not None:  # also after an error: a notebook's next Ctrl-C must work
-            signal.signal(signal.SIGINT, self._old_handler)
-            self._old_handler = None
+        self._restore_signals()
         if self.tty:
             print()
-        if kind is None:
-            try:
-                if len(self.meter):  # the steps after the last log step
-                    self._log_stats()  # the last collective of the run
-            except Diverged as e:
-                kind, err = Diverged, e
-        if kind in (None, Diverged) and self.world > 1:
-            dist.destroy_process_group()  # every process at the same point; rank 0 then finishes alone
-        if kind is None:
-            try:
-                if self.step != self.saved_step and self.rank == 0:
-                    self._save()
-            except Diverged as e:
-                kind, err = Diverged, e
-        if kind is Diverged and self.rank:
-            raise SystemExit(1) from None
-        if kind is Diverged:
-            self._plots()
-            print(f"{self.script}.py: error: {err}; stopped. Last good checkpoint: {self.dir / 'checkpoint.pt'} "
-                  f"(step {self.saved_step})", file=sys.stderr)
-            raise SystemExit(1) from None
-        if kind is None and self.interrupted and self.rank:
-            raise SystemExit(130)
-        if kind is None and self.interrupted:
-            self._plots()
-            print(f"{self.script}.py: interrupted at step {self.step}; checkpoint and plots in {self.dir}", file=sys.stderr)
-            raise SystemExit(130)
+        if kind is not None and self.stop_signal and self.world > 1 and not issubclass(kind, (Diverged, OSError)):
+            # Under torchrun a signal also comes when torchrun ends the survivors of a process that failed: the
+            # next collective then fails here (a peer is gone). Nothing to add to the failed process's message.
+            print(f"{self.script}.py: stopped by {signal.Signals(self.stop_signal).name} at step {self.step} "
+                  f"(another process ended first)", file=sys.stderr)
+            raise SystemExit(128 + self.stop_signal) from None
+        try:
+            if kind is not None and issubclass(kind, OSError):
+                raise err
+            if kind is None:
+                try:
+                    if len(self.meter):  # the steps after the last log step
+                        self._log_stats()  # the last collective of the run
+                except Diverged as e:
+                    kind, err = Diverged, e
+            if kind in (None, Diverged) and self.world > 1:
+                dist.destroy_process_group()  # every process at the same point; rank 0 then finishes alone
+            if kind is None:
+                try:
+                    if self.step != self.saved_step and self.rank == 0:
+                        self._save()  # first: what comes after (evaluation, figures) may be cut short
+                except Diverged as e:
+                    kind, err = Diverged, e
+            if kind is Diverged and self.rank:
+                raise SystemExit(1) from None
+            if kind is Diverged:
+                self._plots()
+                print(f"{self.script}.py: error: {err}; stopped. Last good checkpoint: {self.dir / 'checkpoint.pt'} "
+                      f"(step {self.saved_step})", file=sys.stderr)
+                raise SystemExit(1) from None
+            if kind is None and self.interrupted:
+                if self.rank == 0:
+                    self._plots()
+                    name = signal.Signals(self.stop_signal).name
+                    print(f"{self.script}.py: interrupted at step {self.step} by {name}; checkpoint and plots in "
+                          f"{self.dir} (continue: the same command with --resume auto, or --resume "
+                          f"{self.dir / 'checkpoint.pt'})", file=sys.stderr)
+                raise SystemExit(128 + self.stop_signal)
+        except OSError as e:
+            if self.rank == 0:
+                self._cannot_write(e)
+            raise
         return False
 
     def _log_stats(self):
@@ -1375,8 +1470,8 @@ class Run:
             print(line, flush=True)
             self._last_print = time.time()
 
-    def _save(self):
-        """checkpoint.pt (everything needed to continue exactly) and the sample grid of this step."""
+    def _save(self, grid=True):
+        """checkpoint.pt (everything needed to continue exactly) and, with `grid`, the sample grid of this step."""
         t = time.time()
         if self.step > 0:  # never overwrite the last good checkpoint with a diverged model
             self._check_weights()
@@ -1387,9 +1482,10 @@ class Run:
                      "conditional": bool(self.num_classes)},
             "rng": rng_state(self.device), "fixed_z": self.fixed_z,
             **{k: v.state_dict() for k, v in self.objects.items()}})
-        self.saved_step = self.step
-        save_grid(self.sample(self.fixed_z, self.fixed_y), self.dir / "samples" / f"step_{self.step:07d}.png",
-                  nrow=10 if self.num_classes else 8)
+        self.saved_step, self._t_saved = self.step, time.time()
+        if grid:
+            save_grid(self.sample(self.fixed_z, self.fixed_y), self.dir / "samples" / f"step_{self.step:07d}.png",
+                      nrow=10 if self.num_classes else 8)
         self._paused += time.time() - t
 
     def _check_weights(self, agree=False):
@@ -1426,9 +1522,16 @@ class Run:
 
     def finish(self):
         """Final evaluation (unless this step was just evaluated), plots, interpolation.png, predictions.png
-        (MNIST-like data), and the one-line summary. Returns the run directory. Rank 0 only."""
+        (MNIST-like data), and the one-line summary. Returns the run directory. Rank 0 only. The checkpoint of the
+        last step is already saved (`__exit__`)."""
         if self.rank:
             return self.dir
+        try:
+            return self._finish()
+        except OSError as e:
+            self._cannot_write(e)
+
+    def _finish(self):
         metrics = self.metrics if self._eval_step == self.step else self._evaluate()
         self._plots()
         g = torch.Generator(self.device).manual_seed(self.args.seed + 3)
@@ -1457,8 +1560,12 @@ class Run:
 
 def write_atomic(path, text):
     tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def generate(args, script, load_sampler, noise_dim=None, num_labels=None):
@@ -1508,9 +1615,21 @@ def make_gif(sample_dir, path, ms_per_frame=250):
     images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
 
 
-def read_metrics(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(path, warn=False):
+    """The rows of a metrics.jsonl. A line that does not parse (torn by a full disk or a power cut mid-write) is
+    dropped; `warn`: say so in one line."""
+    rows, torn = [], []
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    torn.append(number)
+    if torn and warn:
+        print(f"note: {path}: dropped {len(torn)} line(s) that do not parse (line {', '.join(map(str, torn[:3]))}"
+              f"{', ...' if len(torn) > 3 else ''}; a write cut short)", file=sys.stderr)
+    return [r for r in rows if isinstance(r, dict) and "step" in r]
 
 
 def _figure(width, height):

@@ -501,16 +501,17 @@ def train(args):
                 write_traversals(G, fixed, args, run.dir, step)
             if writer and args.eval_every and step % args.eval_every == 0 and step < total:
                 codes, codes_step = measure_codes(), step
-        # The end: the codes measured once more (unless just measured), the figures of the last step.
-        if writer and codes_step != step:
-            codes = measure_codes()
-        if writer:
-            write_traversals(G, fixed, args, run.dir, step)
-            common.make_gif(run.dir / "samples" / "c1", run.dir / "traverse_c1.gif")
-        if "purity_table" in codes:
-            plot_purity(torch.tensor(codes["purity_table"]), run.dir / "purity.png", class_names,
-                        f"images made with each c1, the classifier's labels: step {step}, purity {codes['purity']:.3f}, "
-                        f"one-to-one {codes['gen_cat_acc']:.3f}")
+    # The end, after `with run` has saved the last step's checkpoint (a Ctrl-C, SIGTERM or NaN has exited there):
+    # the codes measured once more (unless just measured), the figures of the last step.
+    if writer and codes_step != step:
+        codes = measure_codes()
+    if writer:
+        write_traversals(G, fixed, args, run.dir, step)
+        common.make_gif(run.dir / "samples" / "c1", run.dir / "traverse_c1.gif")
+    if "purity_table" in codes:
+        plot_purity(torch.tensor(codes["purity_table"]), run.dir / "purity.png", class_names,
+                    f"images made with each c1, the classifier's labels: step {step}, purity {codes['purity']:.3f}, "
+                    f"one-to-one {codes['gen_cat_acc']:.3f}")
     if codes:
         found = [f"cat_acc={codes['cat_acc']:.4f} ({codes['cat_n']} {codes['cat_split']} images; code -> class "
                  f"{codes['cat_map']})"] if "cat_acc" in codes else []

@@ -554,7 +554,7 @@ def train(args):
             run.end_step(step, loss_d=loss_d, loss_g=loss_g, d_real=d_real.mean(), d_fake=d_fake.mean(), **gammas)
             if step % args.sample_every == 0:
                 draw_attention()
-        draw_attention()  # and at the end
+    draw_attention()  # and at the end, after `with run` saved the last step's checkpoint
     return run.finish()
 
 

@@ -469,7 +469,7 @@ def train(args):
                          lr_g=sched_g.get_last_lr()[0])
             if step % args.sample_every == 0 or step == 1:
                 run.log(singular_values(D))  # now and then: one SVD per D layer, on the CPU
-        run.log(singular_values(D))  # and at the end
+    run.log(singular_values(D))  # and at the end, after `with run` saved the last step's checkpoint
     return run.finish()
 
 

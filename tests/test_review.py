@@ -518,19 +518,24 @@ def test_inception_score_with_fewer_samples_than_splits_is_finite():
     assert mean == pytest.approx(1.0) and std == pytest.approx(0.0)
 
 
-def test_a_failing_first_save_leaves_ctrl_c_alone(tmp_path, data_root, monkeypatch):
-    """If the checkpoint at step 0 fails (disk full, a sampling error), the run's SIGINT handler is not left
-    installed: a notebook's next Ctrl-C must still interrupt. Catches installing the handler before that save."""
+def test_a_failing_first_save_leaves_ctrl_c_alone(tmp_path, data_root, monkeypatch, capsys):
+    """If the checkpoint at step 0 fails (disk full), the run stops in one line (exit 1) and its signal handlers are
+    not left installed: a notebook's next Ctrl-C must still interrupt. Catches installing the handlers before that
+    save, or a traceback instead of the line."""
+    import errno
     import signal
 
-    before = signal.getsignal(signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
 
-    def broken_save(self):
-        raise OSError("disk full")
+    def broken_save(self, grid=True):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / "checkpoint.pt"))
     monkeypatch.setattr(common.Run, "_save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(SystemExit) as stop:
         dcgan.main([str(a) for a in TINY + ["--max-steps", "2", "--data-root", data_root, "--out", tmp_path / "r"]])
-    assert signal.getsignal(signal.SIGINT) is before
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert "dcgan.py: error: No space left on device: " in err and "no checkpoint was saved" in err, err
+    assert {s: signal.getsignal(s) for s in common.STOP_SIGNALS} == before
 
 
 def test_plots_draw_every_key_of_a_panel(tmp_path, monkeypatch):
