@@ -4,7 +4,8 @@ Nothing here is a model's story (networks, losses and the training loop's body l
 script). This file holds what every script does in the same way:
 
   command line  ArgumentParser, add_common_args, the argparse types    one-line errors, exit code 2
-  data          load_dataset / Batches     a dataset as one uint8 tensor, batched by indexing onto the device
+  data          load_dataset / Batches     a dataset as one uint8 tensor (in memory, or a memory map of its decoded
+                                           cache: celeba, folder, stl10), batched by indexing onto the device
   networks      conv_plan, spectral_norm   DCGAN's size arithmetic; torch's SN with a chosen number of iterations
   evaluation    Evaluator, score           classifier-IS/FID for MNIST-like data; torch-fidelity's IS/FID/KID for RGB
                 inception_score, frechet_distance, feature_stats   the mathematics, tested on known inputs
@@ -816,7 +817,7 @@ class Batches:
     batch (`batch_size` is the whole batch, over all processes). So a resumed run that knows how many
     batches it has consumed (`position`) continues with exactly the batches an uninterrupted run would
     have drawn, with any number of processes. The last partial batch of an epoch is dropped, as
-    DataLoader(drop_last=True) does.
+    DataLoader(drop_last=True) does. A memory-mapped dataset gives the same batches (see _gather).
 
     Data kept in host memory for a GPU (too large for it) is gathered into one of two
     pinned staging buffers and copied asynchronously: indexing a pinned tensor returns pageable
