@@ -513,7 +513,9 @@ def _fsync_write(path, data):
 
 
 class _CacheUnwritable(Exception):
-    pass
+    """The cache could not be written; `decoded` holds (images, labels, classes, bad files) when the decoding had
+    finished before the failure, so that it need not be done again."""
+    decoded = None
 
 
 def _build_cache(entry, name, root, size, train, signature, paths, labels, k, crop, workers):
@@ -522,13 +524,14 @@ def _build_cache(entry, name, root, size, train, signature, paths, labels, k, cr
     written (read-only data root, full disk), raises _CacheUnwritable after cleaning up, before decoding anything
     where that can be known (the array's space is reserved first)."""
     import shutil
-    tmp = entry.with_name(f"{entry.name}.{os.getpid()}.tmp")
+    tmp, decoded = entry.with_name(f"{entry.name}.{os.getpid()}.tmp"), None
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         if paths is None:  # STL-10: the resized arrays torchvision gives
             images, labels, k = _load_torchvision(name, root, train)
             images, labels = resize_uint8(images, size).numpy(), labels.numpy()
             shape, bad = images.shape, []
+            decoded = (images, labels, k, bad)
             _fsync_write(tmp / "images.u8", images.tobytes())
         else:
             shape = (len(paths), 3, size, size)
@@ -547,6 +550,7 @@ def _build_cache(entry, name, root, size, train, signature, paths, labels, k, cr
                 f.truncate(math.prod(shape))
                 os.fsync(f.fileno())
             labels = labels[keep]
+            decoded = (tmp / "images.u8", labels, k, bad)
             _fsync_write(tmp / "skipped.txt", "".join(f"{paths[i]}\t{r}\n" for i, r in bad).encode())
         np.save(tmp / "labels.npy", labels)
         manifest = {"format": CACHE_FORMAT, "dataset": name, "root": str(Path(root).resolve()), "size": size,
@@ -561,8 +565,14 @@ def _build_cache(entry, name, root, size, train, signature, paths, labels, k, cr
         os.replace(tmp, entry)
         return manifest
     except OSError as e:
+        err = _CacheUnwritable(f"{e.strerror or type(e).__name__}: {e.filename or entry}")
+        if decoded is not None and isinstance(decoded[0], Path):  # decoded, then the cache could not be finished:
+            with contextlib.suppress(OSError, MemoryError):      # keep the work (it is in the page cache)
+                err.decoded = (np.fromfile(decoded[0], np.uint8).reshape(shape), *decoded[1:])
+        elif decoded is not None:
+            err.decoded = decoded
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _CacheUnwritable(f"{e.strerror or type(e).__name__}: {e.filename or entry}") from None
+        raise err from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -627,9 +637,9 @@ def _load_cached(name, root, size, train, device, opts):
             if opts.get("in_memory") == "no":
                 raise UsageError(f"--data-in-memory no needs a decoded cache, and {entry} cannot be written ({e}); "
                                  f"name a writable folder with --cache-dir") from None
-            print(f"warning: cannot write the decoded cache {entry} ({e}): decoding into memory for this run only "
-                  f"(--cache-dir DIR keeps it)", file=sys.stderr, flush=True)
-            return _decode_in_memory(name, root, size, train, device, paths, labels, k, crop, opts)
+            print(f"warning: cannot write the decoded cache {entry} ({e}): {'kept' if e.decoded else 'decoding'} in "
+                  f"memory for this run only (--cache-dir DIR keeps it)", file=sys.stderr, flush=True)
+            return _decode_in_memory(name, root, size, train, device, paths, labels, k, crop, opts, e.decoded)
     shape, file = tuple(manifest["shape"]), entry / "images.u8"
     labels = torch.from_numpy(np.load(entry / "labels.npy"))
     if shape[0] == 0:
@@ -664,9 +674,17 @@ def _load_cached(name, root, size, train, device, opts):
     return ImageData(name, images, labels.to(home), manifest["num_classes"], _where(home))
 
 
-def _decode_in_memory(name, root, size, train, device, paths, labels, k, crop, opts):
-    """No writable cache: decode (or load) into memory for this run, as before caches existed."""
-    if paths is None:
+def _decode_in_memory(name, root, size, train, device, paths, labels, k, crop, opts, decoded=None):
+    """No writable cache: decode (or load) into memory for this run, as before caches existed, unless `decoded`
+    already holds the (images, labels, classes, bad files) of a build that could not be finished."""
+    if decoded is not None:
+        images, labels, k, bad = decoded
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        _skipped_warning({"skipped": len(bad), "shape": [len(images)], "skipped_examples": [
+            f"{Path(paths[i]).relative_to(root)} ({r})" for i, r in bad[:3]]}, "not written: no cache")
+        if not len(images):
+            raise UsageError(f"no readable image under {root}: all {len(bad)} files failed to decode")
+    elif paths is None:
         images, labels, k = _load_torchvision(name, root, train)
         images = resize_uint8(images, size)
     else:

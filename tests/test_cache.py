@@ -152,8 +152,9 @@ def test_decoding_in_worker_processes_gives_what_one_process_gives(tmp_path):
 def test_a_cache_that_cannot_be_written_decodes_into_memory_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     """A full disk (the space reservation fails) or a failure while finishing the cache: one warning line, the data
     decoded into memory, training goes on, and no temp file or folder is left; --data-in-memory no then says in one
-    line that it needs a writable cache. Catches a crash on a read-only data root, half-written caches left behind,
-    and a later run reading a half-written cache."""
+    line that it needs a writable cache; images decoded before the failure are kept, not decoded again. Catches a
+    crash on a read-only data root, half-written caches left behind, a later run reading a half-written cache, and
+    a failure after decoding that decodes everything a second time."""
     write_images(tmp_path / "imgs", 8)
 
     def full(*a):
@@ -167,8 +168,11 @@ def test_a_cache_that_cannot_be_written_decodes_into_memory_and_leaves_nothing(t
         common.load_dataset("folder", tmp_path / "imgs", 16, in_memory="no", decode_workers=1)
     monkeypatch.undo()
     monkeypatch.setattr(common.np, "save", full)  # fails after decoding, while the cache is being finished
+    decoded, chunk = [], common._decode_chunk
+    monkeypatch.setattr(common, "_decode_chunk", lambda job: (decoded.append(len(job[1])), chunk(job))[1])
     data = common.load_dataset("folder", tmp_path / "imgs", 16, decode_workers=1)
     assert len(data) == 8 and list((tmp_path / "imgs" / ".gan-cache").iterdir()) == []
+    assert decoded == [8] and "kept in memory" in capsys.readouterr().err
     monkeypatch.undo()
     ok = common.load_dataset("folder", tmp_path / "imgs", 16, decode_workers=1)
     assert torch.equal(ok.images, data.images)
