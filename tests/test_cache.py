@@ -270,3 +270,20 @@ def test_sagan_at_128_px_trains_on_a_folder_larger_than_its_memory_limit(tmp_pat
                          capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert yes.returncode == 2 and re.search(r"do not fit in memory here", yes.stderr), yes.stderr[-3000:]
     assert "Traceback" not in yes.stderr
+
+
+def test_celeba_is_the_centre_140_px_of_each_face_at_any_decode_scale(tmp_path):
+    """CelebA's 178 x 218 JPEGs: the centre 140 x 140 (blue here, a red frame around it) resized to 64 px, through
+    libjpeg's half-size decoding, into the cache under the data root. Catches the 140 px crop applied to the reduced
+    image without scaling (the red frame shows at the sides) and the old decoded-<size>.pt path."""
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    img = np.zeros((218, 178, 3), np.uint8)
+    img[..., 0] = 255
+    img[39:179, 19:159] = (0, 0, 255)
+    for i in range(3):
+        save(Image.fromarray(img), folder / f"{i:06d}.jpg", quality=95)
+    data = common.load_dataset("celeba", tmp_path, 64, decode_workers=1)
+    assert data.images.shape == (3, 3, 64, 64) and data.num_classes == 1
+    inner = data.images[:, :, 3:61, 3:61].int()
+    assert inner[:, 0].max() < 60 and inner[:, 2].min() > 190, (inner[:, 0].max(), inner[:, 2].min())
+    assert (tmp_path / ".gan-cache" / "celeba-train-64px" / "images.u8").exists()
