@@ -256,7 +256,7 @@ def train(args):
     args, device = run.args, run.device
     if args.arch == "dcgan":
         common.conv_plan(args.image_size)  # a size the stack cannot make fails before the data is loaded
-    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
+    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device, **common.data_options(args))
     K = data.num_classes
     if K < 2:
         raise common.UsageError(f"{args.dataset} has no class labels; a conditional GAN needs them (use dcgan.py)")

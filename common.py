@@ -4,7 +4,8 @@ Nothing here is a model's story (networks, losses and the training loop's body l
 script). This file holds what every script does in the same way:
 
   command line  ArgumentParser, add_common_args, the argparse types    one-line errors, exit code 2
-  data          load_dataset / Batches     a dataset as one uint8 tensor, batched by indexing onto the device
+  data          load_dataset / Batches     a dataset as one uint8 tensor (in memory, or a memory map of its decoded
+                                           cache: celeba, folder, stl10), batched by indexing onto the device
   networks      conv_plan, spectral_norm   DCGAN's size arithmetic; torch's SN with a chosen number of iterations
   evaluation    Evaluator, score           classifier-IS/FID for MNIST-like data; torch-fidelity's IS/FID/KID for RGB
                 inception_score, frechet_distance, feature_stats   the mathematics, tested on known inputs
@@ -117,6 +118,14 @@ def add_common_args(p, script):
     g.add_argument("--data-root", default="./data", help="where datasets live and downloads go (default ./data)")
     g.add_argument("--image-size", type=positive_int, default=None,
                    help="default: the dataset's native size (MNIST 28, USPS 16, CIFAR-10 32, STL-10 48, CelebA 64)")
+    g.add_argument("--data-in-memory", default="auto", choices=("auto", "yes", "no"),
+                   help="celeba, folder, stl10: train from memory (yes), from a memory map of the decoded cache (no), "
+                        "or from memory when it takes under half the available RAM, else the map (auto, default)")
+    g.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="where celeba, folder and stl10 keep their decoded cache (default: DATA_ROOT/.gan-cache; "
+                        "name one when the data root is read-only)")
+    g.add_argument("--decode-workers", type=positive_int, default=None, metavar="N",
+                   help="processes that decode image files into the cache (default: this machine's cores)")
     g.add_argument("--max-steps", type=positive_int, default=None,
                    help="stop after this many iterations (the logs' `step`: each has the script's D steps and G steps)")
     g.add_argument("--max-minutes", type=positive_float, default=None,
@@ -183,7 +192,8 @@ def flags(args):
 # Flags a resumed run may change; everything else comes from the checkpoint.
 RESUMABLE = {"resume", "max_steps", "epochs", "max_minutes", "device", "out", "log_every", "sample_every",
              "eval_every", "eval_samples", "eval_real", "inception_weights", "no_amp", "no_sync_bn", "data_root",
-             "overwrite", "generate", "checkpoint", "checkpoint_minutes", "dist_timeout_minutes"}
+             "overwrite", "generate", "checkpoint", "checkpoint_minutes", "dist_timeout_minutes", "cache_dir",
+             "decode_workers", "data_in_memory"}
 
 
 def resume(args, script):
@@ -223,11 +233,16 @@ def resume(args, script):
 
 @dataclass
 class ImageData:
-    """A whole dataset as uint8 images (N, C, H, W) and int64 labels, on one device."""
+    """A whole dataset as uint8 images (N, C, H, W) and int64 labels, on one device (or memory-mapped)."""
     name: str
     images: torch.Tensor
     labels: torch.Tensor
     num_classes: int
+    where: str = "host RAM"  # or "cuda memory", or "memory map of FILE" (the decoded cache)
+
+    @property
+    def mapped(self):
+        return self.where.startswith("memory map")
 
     @property
     def channels(self):
@@ -329,32 +344,132 @@ def _load_torchvision(name, root, train):
     return torch.cat(imgs), torch.cat(labs), 10
 
 
-def _decode_files(paths, size, crop=None):
-    """Decode image files with PIL into a uint8 tensor, center-cropped to a square and resized."""
+# Image files (celeba, folder) and STL-10's arrays are decoded once into a cache on disk: a raw uint8 array
+# (N, C, H, W) at the asked size that training reads into memory or maps (see load_dataset).
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+BACKGROUND = (255, 255, 255)  # transparent pixels (RGBA, LA, palette transparency) are composited on white
+CACHE_FORMAT = 1  # bump when decoding changes what a file decodes to: old caches are then rebuilt
+CACHED = ("celeba", "folder", "stl10")  # the datasets with a decoded cache (and so a memory map)
+
+
+def decode_image(path, size, crop=None):
+    """One image file -> uint8 array (3, size, size): upright (EXIF orientation), RGB, the centre square (or the
+    centre `crop` x `crop` of the full-size image) resized with bicubic filtering. Raises on an unreadable file.
+
+    Every mode PIL reads ends as 8-bit RGB: 16-bit grayscale scaled by 255/65535 (PIL's convert("RGB") clips it,
+    which turns a mid-grey white), 16-bit RGB(A) PNGs keep their high byte (PIL's own reading), alpha composited on
+    BACKGROUND, palette and CMYK through PIL's conversions. JPEGs are decoded by libjpeg at 1/2, 1/4 or 1/8 scale
+    when that still leaves at least `size` pixels across the crop (PIL's draft): most of a large JPEG's decode
+    time saved, for a box-filtered reduction before the bicubic resize."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as im:
+        w, h = im.size
+        c = min(crop or min(w, h), w, h)
+        if im.format == "JPEG":
+            im.draft("RGB", (math.ceil(w * size / c), math.ceil(h * size / c)))
+        scale = im.size[0] / w  # the draft's reduction
+        im.load()
+        if im.getexif().get(0x0112, 1) != 1:  # EXIF orientation: phones store rotated pixels and a tag
+            im = ImageOps.exif_transpose(im)
+        im = _to_rgb(im)
+        w, h = im.size
+        c = min(c * scale, w, h)
+        box = ((w - c) / 2, (h - c) / 2, (w + c) / 2, (h + c) / 2)
+        im = im.resize((size, size), Image.BICUBIC, box=box)
+        return np.asarray(im).transpose(2, 0, 1)
+
+
+def _to_rgb(im):
     from PIL import Image
-    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    for i, p in enumerate(paths):
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            c = crop or min(w, h)
-            left, top = (w - c) // 2, (h - c) // 2
-            im = im.crop((left, top, left + c, top + c)).resize((size, size), Image.BICUBIC)
-            out[i] = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-        if i and i % 20000 == 0:
-            print(f"  decoded {i}/{len(paths)} images", file=sys.stderr)
-    return out
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit grayscale (PNG): scale, do not clip
+        a = np.asarray(im).astype(np.float64).clip(0, 65535) / 257
+        im = Image.fromarray(a.round().astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND + (255,)), rgba)
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def _load_files(name, root, size):
-    """CelebA and image folders: decoded once at the requested size; CelebA's result is cached."""
-    exts = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+def _decode_chunk(job):
+    """Worker: decode one chunk of files; unreadable ones are left blank and reported as (index, reason)."""
+    import warnings
+    start, paths, size, crop = job
+    out, bad = np.zeros((len(paths), 3, size, size), np.uint8), []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's per-file warnings (EXIF, bombs): a bad file is counted, not printed
+        for j, p in enumerate(paths):
+            try:
+                if os.path.getsize(p) == 0:
+                    raise ValueError("empty file")
+                out[j] = decode_image(p, size, crop)
+            except Exception as e:  # any failure of one file (truncated, not an image, empty, too large): skip it
+                reason = str(e).replace(repr(p), "").replace(p, "").strip(" :") or type(e).__name__
+                bad.append((start + j, reason[:100]))
+    return start, out, bad
+
+
+def decode_workers(n=None):
+    """--decode-workers, default: the cores this process may run on."""
+    if n:
+        return n
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _decode_all(paths, size, crop, out, workers, what, chunk=64):
+    """Decode `paths` into the uint8 array `out` (N, 3, size, size), in worker processes when there is more than
+    one chunk; a progress line every 10 s. Returns the sorted [(index, reason)] of unreadable files."""
+    jobs = [(s, [str(p) for p in paths[s:s + chunk]], size, crop) for s in range(0, len(paths), chunk)]
+    workers = min(decode_workers(workers), len(jobs))
+    t0 = t_print = time.time()
+    done, bad = 0, []
+    print(f"decoding {len(paths)} {what} images at {size} px with {workers} process{'es' * (workers > 1)}",
+          file=sys.stderr, flush=True)
+
+    def collect(result):
+        nonlocal done, t_print
+        start, arr, b = result
+        out[start:start + len(arr)] = arr
+        bad.extend(b)
+        done += len(arr)
+        if time.time() - t_print > 10:
+            t_print, rate = time.time(), done / (time.time() - t0)
+            print(f"  {done}/{len(paths)} decoded, {rate:.0f} images/s, about {(len(paths) - done) / rate:.0f} s left",
+                  file=sys.stderr, flush=True)
+    if workers > 1:
+        import multiprocessing as mp
+        # fork where it exists: the workers need nothing but PIL and numpy, and start without importing torch again
+        ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+        with ctx.Pool(workers) as pool:
+            for result in pool.imap_unordered(_decode_chunk, jobs):
+                collect(result)
+    else:
+        for job in jobs:
+            collect(_decode_chunk(job))
+    t = time.time() - t0
+    print(f"  decoded {len(paths)} files in {t:.1f} s ({len(paths) / max(t, 1e-9):.0f} images/s)", file=sys.stderr,
+          flush=True)
+    return sorted(bad)
+
+
+def _compact(out, bad):
+    """Drop the rows of unreadable files from `out` in place (rows only move down); returns the kept indices."""
+    keep = np.setdiff1d(np.arange(len(out)), np.array([i for i, _ in bad], dtype=np.int64))
+    for k in range(0, len(keep) if bad else 0, 1024):  # keep[j] >= j: no block overwrites a row still to be read
+        block = keep[k:k + 1024]
+        out[k:k + len(block)] = out[block]
+    return keep
+
+
+def _source(name, root, train):
+    """What a cached dataset is made of: (files or None, labels, classes, crop, listing for the signature)."""
+    root = Path(root)
+    if name == "stl10":  # torchvision reads its binary arrays: the signature covers those files
+        folder = root / "stl10_binary"
+        listing = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.bin")) \
+            if folder.is_dir() else []
+        return None, None, None, None, listing
     if name == "celeba":
-        cache = Path(root) / "celeba" / f"decoded-{size}.pt"
-        if cache.exists():
-            d = torch.load(cache)
-            return d["images"], d["labels"], 1
-        folder = Path(root) / "celeba" / "img_align_celeba"
+        folder = root / "celeba" / "img_align_celeba"
         if not folder.is_dir():
             import torchvision.datasets as tvd
             try:
@@ -362,25 +477,249 @@ def _load_files(name, root, size):
             except Exception as e:
                 raise UsageError(f"celeba not found and could not be downloaded ({type(e).__name__}); "
                                  f"put the aligned images in {folder}/") from None
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in exts)
-        print(f"decoding {len(paths)} CelebA images once (cached in {cache})", file=sys.stderr)
-        images = _decode_files(paths, size, crop=140)  # the usual 140px face crop of the 178x218 images
-        labels = torch.zeros(len(paths), dtype=torch.int64)
-        save_checkpoint(cache, {"images": images, "labels": labels})  # atomically: a reader never sees half a file
-        return images, labels, 1
-    root = Path(root)
-    if not root.is_dir():
-        raise UsageError(f"--data-root {root} is not a folder of images (subfolders are classes)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    groups = [(i, root / c) for i, c in enumerate(classes)] or [(0, root)]
+        groups, crop, k = [(0, folder)], 140, 1  # the usual 140 px face crop of the 178x218 images
+    else:
+        if not root.is_dir():
+            raise UsageError(f"--data-root {root} is not a folder of images (subfolders are classes)")
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        groups, crop, k = [(i, root / c) for i, c in enumerate(classes)] or [(0, root)], None, max(1, len(classes))
     paths, labels = [], []
     for i, folder in groups:
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)
+        # hidden folders (our .gan-cache, .git, a Trash) are not data; hidden files (macOS ._ sidecars) are tried
+        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts[:-1]))
         paths += files
         labels += [i] * len(files)
     if not paths:
-        raise UsageError(f"no images ({', '.join(exts)}) found under {root}")
-    return _decode_files(paths, size), torch.tensor(labels, dtype=torch.int64), max(1, len(classes))
+        raise UsageError(f"no images ({', '.join(IMAGE_EXTS)}) found under {groups[0][1] if name == 'celeba' else root}")
+    listing = []
+    for p, y in zip(paths, labels):
+        st = p.stat()
+        listing.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns, y))
+    return paths, np.array(labels, dtype=np.int64), k, crop, listing
+
+
+def _cache_entry(name, root, size, train, cache_dir):
+    """The cache folder of one dataset at one size: beside the data, or in --cache-dir (named after the data's
+    absolute path there, so two folders never share an entry)."""
+    split = "train" if train else "test"
+    if cache_dir is None:
+        return Path(root) / ".gan-cache" / f"{name}-{split}-{size}px"
+    import hashlib
+    tag = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:10]
+    return Path(cache_dir) / f"{name}-{tag}-{split}-{size}px"
+
+
+def _signature(name, size, crop, listing):
+    import hashlib
+    h = hashlib.sha256(json.dumps([CACHE_FORMAT, name, size, crop, BACKGROUND]).encode())
+    for row in listing:
+        h.update(("\t".join(map(str, row)) + "\n").encode())
+    return h.hexdigest()
+
+
+def _read_manifest(entry, signature):
+    try:
+        m = json.loads((entry / "manifest.json").read_text())
+        ok = m["signature"] == signature and (entry / "images.u8").stat().st_size == math.prod(m["shape"])
+        return m if ok else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _fsync_write(path, data):
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _CacheUnwritable(Exception):
+    """The cache could not be written; `decoded` holds (images, labels, classes, bad files) when the decoding had
+    finished before the failure, so that it need not be done again."""
+    decoded = None
+
+
+def _build_cache(entry, name, root, size, train, signature, paths, labels, k, crop, workers):
+    """Decode into entry/ (via a temp folder of this process, renamed into place when complete, so a reader never
+    sees half a cache and a failed build leaves nothing behind). Returns the manifest. When the cache cannot be
+    written (read-only data root, full disk), raises _CacheUnwritable after cleaning up, before decoding anything
+    where that can be known (the array's space is reserved first)."""
+    import shutil
+    tmp, decoded = entry.with_name(f"{entry.name}.{os.getpid()}.tmp"), None
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        if paths is None:  # STL-10: the resized arrays torchvision gives
+            images, labels, k = _load_torchvision(name, root, train)
+            images, labels = resize_uint8(images, size).numpy(), labels.numpy()
+            shape, bad = images.shape, []
+            decoded = (images, labels, k, bad)
+            _fsync_write(tmp / "images.u8", images.tobytes())
+        else:
+            shape = (len(paths), 3, size, size)
+            with open(tmp / "images.u8", "wb") as f:
+                if hasattr(os, "posix_fallocate"):  # no space: an error now, not a SIGBUS while writing the map
+                    os.posix_fallocate(f.fileno(), 0, math.prod(shape))
+                else:
+                    f.truncate(math.prod(shape))
+            out = np.memmap(tmp / "images.u8", np.uint8, "r+", shape=shape)
+            bad = _decode_all(paths, size, crop, out, workers, name)
+            keep = _compact(out, bad)
+            out.flush()
+            del out
+            shape = (len(keep), *shape[1:])
+            with open(tmp / "images.u8", "r+b") as f:
+                f.truncate(math.prod(shape))
+                os.fsync(f.fileno())
+            labels = labels[keep]
+            decoded = (tmp / "images.u8", labels, k, bad)
+            _fsync_write(tmp / "skipped.txt", "".join(f"{paths[i]}\t{r}\n" for i, r in bad).encode())
+        np.save(tmp / "labels.npy", labels)
+        manifest = {"format": CACHE_FORMAT, "dataset": name, "root": str(Path(root).resolve()), "size": size,
+                    "crop": crop, "background": BACKGROUND, "shape": list(shape), "num_classes": k,
+                    "signature": signature, "skipped": len(bad), "skipped_examples": [
+                        f"{Path(paths[i]).relative_to(root)} ({r})" for i, r in bad[:3]]}
+        _fsync_write(tmp / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
+        if entry.exists():  # an outdated cache: out of the way first (a rename over a non-empty folder fails)
+            old = entry.with_name(f"{entry.name}.{os.getpid()}.old")
+            os.replace(entry, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, entry)
+        return manifest
+    except OSError as e:
+        err = _CacheUnwritable(f"{e.strerror or type(e).__name__}: {e.filename or entry}")
+        if decoded is not None and isinstance(decoded[0], Path):  # decoded, then the cache could not be finished:
+            with contextlib.suppress(OSError, MemoryError):      # keep the work (it is in the page cache)
+                err.decoded = (np.fromfile(decoded[0], np.uint8).reshape(shape), *decoded[1:])
+        elif decoded is not None:
+            err.decoded = decoded
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise err from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _skipped_warning(m, where):
+    if m["skipped"]:
+        print(f"warning: {m['skipped']} of {m['skipped'] + m['shape'][0]} files are not readable images and are "
+              f"left out: {'; '.join(m['skipped_examples'])}{' ...' if m['skipped'] > 3 else ''} (all: {where})",
+              file=sys.stderr, flush=True)
+
+
+def available_memory():
+    """Bytes this process can still allocate, as far as the system says: MemAvailable (Linux; elsewhere the free
+    physical pages), capped by the room left under RLIMIT_DATA and RLIMIT_AS (what `ulimit -d/-v`, a batch
+    scheduler or a container sets). None when unknown."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        import resource
+        status = Path("/proc/self/status").read_text()
+        used = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.splitlines()
+                if line.startswith(("VmData:", "VmSize:"))}
+        for limit, key in ((resource.RLIMIT_DATA, "VmData"), (resource.RLIMIT_AS, "VmSize")):
+            soft = resource.getrlimit(limit)[0]
+            if soft != resource.RLIM_INFINITY and key in used:
+                room = max(0, soft - used[key])
+                avail = room if avail is None else min(avail, room)
+    except (ImportError, OSError, ValueError):
+        pass
+    return avail
+
+
+def _fits_in_ram(nbytes):
+    """Half of the available memory, shared by the processes torchrun starts on this machine (each would hold
+    its own copy; a memory map's pages are shared by all of them)."""
+    avail = available_memory()
+    return avail is None or nbytes * int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= avail // 2
+
+
+def _load_cached(name, root, size, train, device, opts):
+    """celeba, folder, stl10: from the decoded cache (built now when missing or outdated), then in memory or
+    mapped, as --data-in-memory says. Returns ImageData."""
+    paths, labels, k, crop, listing = _source(name, root, train)
+    signature = _signature(name, size, crop, listing)
+    entry = _cache_entry(name, root, size, train, opts.get("cache_dir"))
+    manifest = _read_manifest(entry, signature)
+    if manifest is not None:
+        if distributed_env()[0] == 0:
+            _skipped_warning(manifest, entry / "skipped.txt")
+    else:
+        try:
+            manifest = _build_cache(entry, name, root, size, train, signature, paths, labels, k, crop,
+                                    opts.get("workers"))
+            _skipped_warning(manifest, entry / "skipped.txt")
+        except _CacheUnwritable as e:
+            if opts.get("in_memory") == "no":
+                raise UsageError(f"--data-in-memory no needs a decoded cache, and {entry} cannot be written ({e}); "
+                                 f"name a writable folder with --cache-dir") from None
+            print(f"warning: cannot write the decoded cache {entry} ({e}): {'kept' if e.decoded else 'decoding'} in "
+                  f"memory for this run only (--cache-dir DIR keeps it)", file=sys.stderr, flush=True)
+            return _decode_in_memory(name, root, size, train, device, paths, labels, k, crop, opts, e.decoded)
+    shape, file = tuple(manifest["shape"]), entry / "images.u8"
+    labels = torch.from_numpy(np.load(entry / "labels.npy"))
+    if shape[0] == 0:
+        raise UsageError(f"no readable image under {root}: all {manifest['skipped']} files failed to decode "
+                         f"(see {entry / 'skipped.txt'})")
+    mode, nbytes = opts.get("in_memory", "auto"), math.prod(shape)
+    if mode == "no" or (mode == "auto" and _fits_on_device(math.prod(shape), device) is None
+                        and not _fits_in_ram(nbytes)):
+        # A memory map of the cache: the OS page cache keeps what fits, shared by every process of the machine.
+        # Mode "r" maps the file shared and read-only, which RLIMIT_DATA does not count (a copy-on-write map
+        # would); torch warns that the array is not writable, and nothing ever writes to it.
+        import warnings
+        mapped = np.memmap(file, np.uint8, "r", shape=shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            images = torch.from_numpy(mapped)
+        return ImageData(name, images, labels, manifest["num_classes"], f"memory map of {file}")
+    home = _fits_on_device(nbytes, device) or torch.device("cpu")
+    try:
+        if home.type == "cpu":
+            images = torch.from_numpy(np.fromfile(file, np.uint8).reshape(shape))
+        else:  # straight to the device, a slice at a time: never the whole array in host memory
+            mapped = np.memmap(file, np.uint8, "r", shape=shape)
+            images = torch.empty(shape, dtype=torch.uint8, device=home)
+            for i in range(0, shape[0], 4096):
+                images[i:i + 4096] = torch.from_numpy(np.array(mapped[i:i + 4096])).to(home)
+    except (MemoryError, RuntimeError) as e:
+        if not isinstance(e, MemoryError) and "alloc" not in str(e):
+            raise
+        raise UsageError(f"{nbytes / 2**30:.1f} GB of decoded {name} images do not fit in memory here: use "
+                         f"--data-in-memory auto or no (a memory map of {file})") from None
+    return ImageData(name, images, labels.to(home), manifest["num_classes"], _where(home))
+
+
+def _decode_in_memory(name, root, size, train, device, paths, labels, k, crop, opts, decoded=None):
+    """No writable cache: decode (or load) into memory for this run, as before caches existed, unless `decoded`
+    already holds the (images, labels, classes, bad files) of a build that could not be finished."""
+    if decoded is not None:
+        images, labels, k, bad = decoded
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        _skipped_warning({"skipped": len(bad), "shape": [len(images)], "skipped_examples": [
+            f"{Path(paths[i]).relative_to(root)} ({r})" for i, r in bad[:3]]}, "not written: no cache")
+        if not len(images):
+            raise UsageError(f"no readable image under {root}: all {len(bad)} files failed to decode")
+    elif paths is None:
+        images, labels, k = _load_torchvision(name, root, train)
+        images = resize_uint8(images, size)
+    else:
+        out = np.empty((len(paths), 3, size, size), np.uint8)
+        bad = _decode_all(paths, size, crop, out, opts.get("workers"), name)
+        keep = _compact(out, bad)
+        images, labels = torch.from_numpy(out[:len(keep)]), torch.from_numpy(labels[keep])
+        _skipped_warning({"skipped": len(bad), "shape": [len(keep)], "skipped_examples": [
+            f"{Path(paths[i]).relative_to(root)} ({r})" for i, r in bad[:3]]}, "not written: no cache")
+        if not len(keep):
+            raise UsageError(f"no readable image under {root}: all {len(bad)} files failed to decode")
+    home = _fits_on_device(images.numel(), device) or torch.device("cpu")
+    return ImageData(name, images.to(home), labels.to(home), k, _where(home))
 
 
 def make_fake(n=1024, size=28, seed=0, num_classes=10):
@@ -425,28 +764,51 @@ def data_home(images, device):
     (larger MPS buffers fail). Otherwise Batches copies each batch over through pinned staging buffers.
     """
     device = torch.device(device)
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return device if images.numel() * images.element_size() < free // 2 else torch.device("cpu")
-    if device.type == "mps":
-        return device if images.numel() < 2**31 else torch.device("cpu")
+    if device.type in ("cuda", "mps"):
+        return _fits_on_device(images.numel() * images.element_size(), device) or torch.device("cpu")
     return device
 
 
-def load_dataset(name, root="./data", image_size=None, device="cpu", train=True, alone=False):
-    """Load a dataset as one uint8 tensor at `image_size`, on `device` when it fits (see ImageData, data_home).
+def _fits_on_device(nbytes, device):
+    """The accelerator `device` when a dataset of `nbytes` belongs there (see data_home), else None."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return device if nbytes < free // 2 else None
+    if device.type == "mps":
+        return device if nbytes < 2**31 else None
+    return None
 
-    Decoded and resized once; batches are then made by indexing, with no per-sample
-    transforms and no worker processes. Under torchrun every process calls it together, unless `alone`
+
+def _where(home):
+    """Where a dataset lives, in words (args.json and the summary say it)."""
+    return "host RAM" if home.type == "cpu" else f"{home.type} memory"
+
+
+def load_dataset(name, root="./data", image_size=None, device="cpu", train=True, alone=False, cache_dir=None,
+                 decode_workers=None, in_memory="auto"):
+    """Load a dataset as one uint8 tensor at `image_size`: on `device` when it fits (see data_home), else in host
+    memory, else (celeba, folder, stl10) a memory map of its decoded cache. `in_memory` is --data-in-memory:
+    auto decides by the available memory (see _fits_in_ram), yes never maps, no always maps.
+
+    Decoded and resized once (image files by `decode_workers` processes, into a cache under `root` or
+    `cache_dir`, reused while the files are unchanged); batches are then made by indexing, with no per-sample
+    transforms and no loader workers. Under torchrun every process calls it together, unless `alone`
     (rank 0's evaluation classifier: a barrier there would wait for processes that are training).
     """
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if name not in CACHED:  # their arrays are read as they are: no decoding, no cache, nothing to map
+        for flag, value in (("--cache-dir", cache_dir), ("--decode-workers", decode_workers),
+                            ("--data-in-memory no", in_memory == "no" or None)):
+            if value is not None:
+                raise UsageError(f"{flag} is used only with {', '.join(CACHED)} (decoded caches), not {name}")
+    opts = {"cache_dir": cache_dir, "workers": decode_workers, "in_memory": in_memory}
     if alone or not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return _load_dataset(name, root, image_size, device, train)
+        return _load_dataset(name, root, image_size, device, train, opts)
     # Under torchrun, in three turns: process 0 loads first (downloads, decodes, writes caches: a --data-root shared
     # between machines is written once), then the first process of each other machine (its own disk), then the
-    # rest, which read what was written. After each turn the processes agree whether one failed: then all stop
+    # rest, which map or read what was written. After each turn the processes agree whether one failed: then all stop
     # (the failed one with its error, the others in one line), and no later turn retries the download.
     rank, _, local_rank = distributed_env()
     turn, data, error = 0 if rank == 0 else 1 if local_rank == 0 else 2, None, None
@@ -454,7 +816,7 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True,
     for t in range(3):
         if t == turn:
             try:
-                data = _load_dataset(name, root, image_size, device, train)
+                data = _load_dataset(name, root, image_size, device, train, opts)
             except Exception as e:  # any failure, not only ours: a process leaving the turns would hang the others
                 error = e
         failed = torch.tensor([float(error is not None)], device=on)
@@ -467,19 +829,25 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True,
     return data
 
 
-def _load_dataset(name, root, image_size, device, train):
+def data_options(args):
+    """The keyword arguments of load_dataset that come from the data flags (--cache-dir, --decode-workers,
+    --data-in-memory)."""
+    return {"cache_dir": args.cache_dir, "decode_workers": args.decode_workers, "in_memory": args.data_in_memory}
+
+
+def _load_dataset(name, root, image_size, device, train, opts=None):
     size = image_size or NATIVE_SIZE[name]
+    if name in CACHED:
+        return _load_cached(name, root, size, train, device, opts or {})
     if name == "fake":
         images, labels, k = make_fake(size=size, seed=0 if train else 1, n=1024 if train else 512)
     elif name in ("mnist", "fashion-mnist"):
         images, labels, k = _load_mnist_like(name, root, train)
-    elif name in ("usps", "cifar10", "stl10"):
-        images, labels, k = _load_torchvision(name, root, train)
     else:
-        images, labels, k = _load_files(name, root, size)
+        images, labels, k = _load_torchvision(name, root, train)
     images = resize_uint8(images, size)
     home = data_home(images, device)
-    return ImageData(name, images.to(home), labels.to(home), k)
+    return ImageData(name, images.to(home), labels.to(home), k, _where(home))
 
 
 class Batches:
@@ -489,7 +857,7 @@ class Batches:
     batch (`batch_size` is the whole batch, over all processes). So a resumed run that knows how many
     batches it has consumed (`position`) continues with exactly the batches an uninterrupted run would
     have drawn, with any number of processes. The last partial batch of an epoch is dropped, as
-    DataLoader(drop_last=True) does.
+    DataLoader(drop_last=True) does. A memory-mapped dataset gives the same batches (see _gather).
 
     Data kept in host memory for a GPU (too large for it) is gathered into one of two
     pinned staging buffers and copied asynchronously: indexing a pinned tensor returns pageable
@@ -517,6 +885,15 @@ class Batches:
     def epoch(self):
         return self.position // self.per_epoch
 
+    def _gather(self, idx, out=None):
+        """The images at `idx`, in that order. From a memory map the rows are read in file order (the page cache
+        reads ahead, a disk seeks less), then put back in the batch's order: the same batch as from memory."""
+        if not self.data.mapped:
+            return torch.index_select(self.data.images, 0, idx, out=out)
+        order = idx.argsort()
+        rows = self.data.images[idx[order]]
+        return torch.index_select(rows, 0, order.argsort(), out=out)
+
     def next(self):
         """The next (images in [-1, 1], labels) batch on the training device."""
         epoch, i = divmod(self.position, self.per_epoch)
@@ -530,10 +907,12 @@ class Batches:
         if self._staged:
             x_pin, y_pin, done = self._buffers[self.position % 2]
             done.synchronize()  # this buffer's previous copy has finished
-            torch.index_select(self.data.images, 0, idx, out=x_pin)
+            self._gather(idx, x_pin)
             torch.index_select(self.data.labels, 0, idx, out=y_pin)
             x, y = x_pin.to(self.device, non_blocking=True), y_pin.to(self.device, non_blocking=True)
             done.record()
+        elif self.data.mapped:
+            x, y = self._gather(idx).to(self.device), self.data.labels[idx].to(self.device)
         else:
             x, y = self.data.images[idx].to(self.device), self.data.labels[idx].to(self.device)
         return to_float(x).contiguous(memory_format=self.memory_format), y
@@ -1288,7 +1667,8 @@ class Run:
         (self.dir / "samples").mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
         write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-        resolved = {"device": str(self.device), "precision": self.precision, "torch": torch.__version__}
+        resolved = {"device": str(self.device), "precision": self.precision, "torch": torch.__version__,
+                    "data": self.data.where}
         write_atomic(self.dir / "args.json", json.dumps({**flags(self.args), "resolved": resolved}, indent=2) + "\n")
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -1554,7 +1934,7 @@ class Run:
         else:  # --epochs caps --max-steps silently otherwise: say so
             reason = f"done (--epochs {self.args.epochs} reached)"
         print(f"{self.script}: {reason} at step {self.step} (epoch {self.batches.epoch}, {self.elapsed() / 60:.1f} min, "
-              f"{self.precision}) {summary or 'no metrics'} [{source}] -> {self.dir}", flush=True)
+              f"{self.precision}, data in {self.data.where}) {summary or 'no metrics'} [{source}] -> {self.dir}", flush=True)
         return self.dir
 
 

@@ -194,7 +194,7 @@ def train(args):
     args, device = run.args, run.device
     if args.arch == "dcgan":
         common.conv_plan(args.image_size)  # a size the stack cannot make fails before the data is loaded
-    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
+    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device, **common.data_options(args))
     G = build_generator(args, data.channels).to(device, memory_format=run.memory_format)
     D = build_discriminator(args, data.channels).to(device, memory_format=run.memory_format)
     opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2), fused=run.fused)

@@ -401,10 +401,10 @@ def train(args):
     run = common.Run(args, SCRIPT)  # --resume, device, precision and --out; seeds torch
     args, device = run.args, run.device
     common.conv_plan(args.image_size, "the InfoGAN networks")  # a size the stack cannot make fails before the data
-    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
+    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device, **common.data_options(args))
     # The real images cat_acc classifies: the test split (folders and CelebA have none: their training images).
     test = data if args.dataset in ("folder", "celeba") else \
-        common.load_dataset(args.dataset, args.data_root, args.image_size, "cpu", train=False)
+        common.load_dataset(args.dataset, args.data_root, args.image_size, "cpu", train=False, **common.data_options(args))
     pick = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))[:args.eval_samples]
     test_images, test_labels = test.images[pick.to(test.images.device)].cpu(), test.labels[pick.to(test.labels.device)]
     G = build_generator(args, data.channels).to(device, memory_format=run.memory_format)

@@ -480,7 +480,7 @@ def train(args):
     args, device = run.args, run.device
     common.conv_plan(args.image_size, "sagan.py's ResNet", smallest=4)  # an impossible size fails before the data is loaded
     args.attn_res = attention_sizes(args.image_size, args.attn_res, args.no_attention)  # recorded in args.json
-    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
+    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device, **common.data_options(args))
     K = data.num_classes if args.conditional else 0
     if args.conditional and data.num_classes < 2:
         raise common.UsageError(f"{args.dataset} has no class labels; --conditional needs them")

@@ -400,7 +400,7 @@ def train(args):
     run = common.Run(args, SCRIPT)  # --resume, device, precision and --out; seeds torch
     args, device = run.args, run.device
     common.conv_plan(args.image_size, f"--arch {args.arch}", smallest=4)  # an impossible size fails before the data is loaded
-    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
+    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device, **common.data_options(args))
     K = data.num_classes if args.conditional else 0
     if args.conditional and data.num_classes < 2:
         raise common.UsageError(f"{args.dataset} has no class labels; --conditional needs them")

@@ -220,7 +220,7 @@ def train(args):
     run = common.Run(args, SCRIPT)  # --resume, device, precision and --out; seeds torch
     args, device = run.args, run.device
     build_generator(args, 1)  # an impossible size fails here, before the data is loaded
-    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device)
+    data = common.load_dataset(args.dataset, args.data_root, args.image_size, device, **common.data_options(args))
     G = build_generator(args, data.channels).to(device, memory_format=run.memory_format)
     D = build_critic(args, data.channels).to(device, memory_format=run.memory_format)
     clip_weights(D, args.clip)  # start inside the constraint set
