@@ -46,6 +46,9 @@ NATIVE_SIZE = {"mnist": 28, "fashion-mnist": 28, "usps": 16, "cifar10": 32, "stl
 # Datasets whose images a small CNN classifies well: evaluation uses it instead of Inception.
 DIGIT_LIKE = ("mnist", "fashion-mnist", "usps", "fake")
 SYSTEM_DATA = Path("/usr/share/datasets")  # where Debian's dataset-* packages put files
+# The fewest images (generated, and real) an evaluation scores: IS takes 10 splits of at least one image each, and
+# FID's covariance needs at least 2 (with 1 it is NaN and FID's eigendecomposition fails).
+MIN_EVAL_IMAGES = 10
 
 
 class UsageError(Exception):
@@ -108,6 +111,19 @@ positive_float = _number(float, lambda v: v > 0, "> 0")
 nonneg_float = _number(float, lambda v: v >= 0, ">= 0")
 unit_float = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # Adam's betas, dropout
 open_unit_float = _number(float, lambda v: 0 < v < 1, "in (0, 1)")  # EMA decay
+eval_count = _number(int, lambda v: v >= MIN_EVAL_IMAGES,
+                     f"at least {MIN_EVAL_IMAGES} (IS's 10 splits need one image each, FID's covariance two)")
+
+
+def path_arg(text):
+    """A path flag's value: refuses an empty (or all-blank) one, which would silently mean the current folder
+    (--out, --data-root: run files or downloads in the source tree) or nothing at all (--resume: a fresh run)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"needs a path, got {text!r}")
+    return text
+
+
+path_arg.__name__ = "path"
 
 
 def add_common_args(p, script):
@@ -115,7 +131,8 @@ def add_common_args(p, script):
     g = p.add_argument_group("data, run length and output (common to every script)")
     g.add_argument("--dataset", default="mnist", choices=DATASETS,
                    help="fake = tiny generated blobs for smoke tests; folder = images under --data-root")
-    g.add_argument("--data-root", default="./data", help="where datasets live and downloads go (default ./data)")
+    g.add_argument("--data-root", type=path_arg, default="./data",
+                   help="where datasets live and downloads go (default ./data)")
     g.add_argument("--image-size", type=positive_int, default=None,
                    help="default: the dataset's native size (MNIST 28, USPS 16, CIFAR-10 32, STL-10 48, CelebA 64)")
     g.add_argument("--data-in-memory", default="auto", choices=("auto", "yes", "no"),
@@ -146,7 +163,7 @@ def add_common_args(p, script):
     g.add_argument("--no-amp", action="store_true",
                    help="train in float32 even where the hardware computes bfloat16 natively (CUDA with compute "
                         "capability >= 8, CPUs with AMX or AVX512-BF16), where bf16 autocast is the default")
-    g.add_argument("--out", default=None, help=f"run directory (default runs/{script}-<dataset>-<time>)")
+    g.add_argument("--out", type=path_arg, default=None, help=f"run directory (default runs/{script}-<dataset>-<time>)")
     g.add_argument("--overwrite", action="store_true",
                    help="let a fresh run replace the run files of a used --out (refused otherwise)")
     g.add_argument("--log-every", type=positive_int, default=50, help="steps between metrics.jsonl lines (default 50)")
@@ -154,15 +171,16 @@ def add_common_args(p, script):
                    help="steps between sample grids and checkpoints (default 500)")
     g.add_argument("--eval-every", type=nonneg_int, default=2000,
                    help="steps between evaluations (default 2000; 0: only at the end)")
-    g.add_argument("--eval-samples", type=positive_int, default=10000,
-                   help="generated images per evaluation (default 10000; 2000 is enough on a CPU)")
-    g.add_argument("--eval-real", type=positive_int, default=None,
+    g.add_argument("--eval-samples", type=eval_count, default=10000,
+                   help=f"generated images per evaluation (default 10000; 2000 is enough on a CPU; "
+                        f"at least {MIN_EVAL_IMAGES})")
+    g.add_argument("--eval-real", type=eval_count, default=None,
                    help="real training images each evaluation compares against (default: as many as --eval-samples; "
                         "the SNGAN paper's FID: 10000 real vs 5000 generated, later tables 50000 vs 50000)")
-    g.add_argument("--inception-weights", default=None, metavar="PATH",
+    g.add_argument("--inception-weights", type=path_arg, default=None, metavar="PATH",
                    help=f"local copy of torch-fidelity's TF-ported Inception weights ({INCEPTION_FILE}) for IS/FID/KID "
                         "on RGB data; default: torch-fidelity's download (its torch hub cache when offline)")
-    g.add_argument("--resume", default=None, metavar="PATH|auto",
+    g.add_argument("--resume", type=path_arg, default=None, metavar="PATH|auto",
                    help="continue from a checkpoint.pt with its settings; only the length, device, output and "
                         "logging flags you type may change them. auto: continue the run in --out if it holds a "
                         "checkpoint, else start it (one command for a job's first submission and every requeue)")
@@ -173,7 +191,7 @@ def add_common_args(p, script):
     g.add_argument("--generate", type=positive_int, default=None, metavar="N",
                    help="no training: load --checkpoint and write N samples to generated.npz in --out "
                         "(default: the checkpoint's folder)")
-    g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint for --generate")
+    g.add_argument("--checkpoint", type=path_arg, default=None, metavar="PATH", help="checkpoint for --generate")
     return p
 
 
@@ -1147,6 +1165,12 @@ class Evaluator:
 
     def _build(self, data, data_root, inception_weights):
         self.classifier, self.inception = None, None
+        # A tiny image folder (or a checkpoint from before --eval-samples had its minimum): train anyway, say why
+        # there are no metrics. The flags themselves refuse counts below the minimum.
+        if min(self.n, self.n_real) < MIN_EVAL_IMAGES:
+            self.source = (f"metrics skipped: IS and FID need at least {MIN_EVAL_IMAGES} generated and real images, "
+                           f"not {self.n} and {self.n_real} ({data.name} has {len(data)})")
+            return
         idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))[:self.n_real]
         real = data.images[idx.to(data.images.device)]
         if data.name in DIGIT_LIKE:
@@ -2143,12 +2167,13 @@ def score(argv):
     """`python common.py score --dataset cifar10 --samples generated.npz`: the evaluation of a run, for any file."""
     p = ArgumentParser(prog="common.py score", description="Score a generated.npz (uint8 `images` (N, C, H, W), "
                        "optional `labels`) against a dataset's real training images, as the scripts evaluate.")
-    p.add_argument("--samples", required=True, metavar="NPZ", help="a generated.npz (e.g. from --generate)")
+    p.add_argument("--samples", type=path_arg, required=True, metavar="NPZ",
+                   help=f"a generated.npz (e.g. from --generate) of at least {MIN_EVAL_IMAGES} images")
     p.add_argument("--dataset", required=True, choices=DATASETS)
-    p.add_argument("--data-root", default="./data")
-    p.add_argument("--eval-real", type=positive_int, default=None,
+    p.add_argument("--data-root", type=path_arg, default="./data")
+    p.add_argument("--eval-real", type=eval_count, default=None,
                    help="real training images to compare with (default: as many as the samples)")
-    p.add_argument("--inception-weights", default=None, metavar="PATH",
+    p.add_argument("--inception-weights", type=path_arg, default=None, metavar="PATH",
                    help=f"local copy of {INCEPTION_FILE} (RGB data)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     p.add_argument("--seed", type=int, default=0, help="which real images are drawn, and IS's split shuffle")
@@ -2166,6 +2191,10 @@ def score(argv):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise UsageError(f"--samples {args.samples}: `images` must be uint8 (N, C, H, W), "
                              f"not {images.dtype} {tuple(images.shape)}")
+        if len(images) < MIN_EVAL_IMAGES:
+            raise UsageError(f"--samples {args.samples} holds {len(images)} image{'s' * (len(images) != 1)}; "
+                             f"scoring needs at least {MIN_EVAL_IMAGES} (IS's 10 splits need one image each, "
+                             f"FID's covariance two)")
         if args.inception_weights and not Path(args.inception_weights).is_file():
             raise UsageError(f"--inception-weights {args.inception_weights} does not exist")
         device = pick_device(args.device)
@@ -2187,7 +2216,7 @@ def main(argv=None):
     p = ArgumentParser(description="Train and cache the evaluation classifier of an MNIST-like dataset. "
                        "`python common.py score --help`: score a generated.npz.")
     p.add_argument("--dataset", default="fashion-mnist", choices=DIGIT_LIKE)
-    p.add_argument("--data-root", default="./data")
+    p.add_argument("--data-root", type=path_arg, default="./data")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     args = p.parse_args(argv)
     try:

@@ -47,6 +47,16 @@ def bad_value(flag, value):
     return rf"{re.escape(flag)}\b.*(?<![\w.-]){re.escape(value)}(?![\w.])"
 
 
+def empty_path(flag, value=""):
+    """The message names the flag and shows the typed value quoted, so an empty or blank one is visible."""
+    return rf"{re.escape(flag)}\b.*{re.escape(repr(value))}"
+
+
+def below_minimum(flag, value):
+    """The message names the flag and the value, and states the minimum (10: IS's splits)."""
+    return rf"^(?=.*\bat least 10\b).*{bad_value(flag, value)}"
+
+
 GENERIC = [("--max-minutes", "-1"), ("--max-minutes", "0"), ("--lr-g", "-1"), ("--lr-d", "0"), ("--beta1", "1"),
            ("--beta2", "-0.1"), ("--batch-size", "0"), ("--eval-every", "-1"), ("--eval-samples", "0"),
            ("--dataset", "imagenet"), ("--lr-g", "abc"), ("--max-minutes", "nan"), ("--max-minutes", "inf")]
@@ -69,6 +79,21 @@ def cases(script):
         ("--inception-weights=missing", TRAIN + ["--inception-weights", "/nonexistent/w.pth"],
          r"--inception-weights /nonexistent/w\.pth does not exist", ()),
         ("--eval-real=0", TRAIN + ["--eval-real", "0"], bad_value("--eval-real", "0"), ()),
+        # Counts the metrics cannot use: 1 ended in FID's "Eigenvalues did not converge" traceback (a covariance
+        # of one sample is NaN); 9 gave IS fewer than its 10 splits.
+        ("--eval-samples=1", TRAIN + ["--eval-samples", "1"], below_minimum("--eval-samples", "1"), INTERNAL),
+        ("--eval-samples=9", TRAIN + ["--eval-samples", "9"], below_minimum("--eval-samples", "9"), ()),
+        ("--eval-real=1", TRAIN + ["--eval-real", "1"], below_minimum("--eval-real", "1"), INTERNAL),
+        # Empty paths: --out "" wrote the run into the current folder (the checkout), --data-root "" put the data and
+        # the classifier cache there, --resume "" started a fresh run, --inception-weights "" and --checkpoint ""
+        # were ignored as if not typed.
+        ("--out=empty", TRAIN + ["--out", ""], empty_path("--out"), ()),
+        ("--out=blank", TRAIN + ["--out", "  "], empty_path("--out", "  "), ()),
+        ("--data-root=empty", TRAIN + ["--data-root", ""], empty_path("--data-root"), ()),
+        ("--resume=empty", TRAIN + ["--resume", ""], empty_path("--resume"), ()),
+        ("--inception-weights=empty", TRAIN + ["--inception-weights", ""], empty_path("--inception-weights"), ()),
+        ("--checkpoint=empty", TRAIN + ["--checkpoint", ""], empty_path("--checkpoint"), ()),
+        ("--generate-checkpoint=empty", GENERATE + ["3", "--checkpoint", ""], empty_path("--checkpoint"), ()),
         ("fresh-run-into-used-out", [a for a in TRAIN if a != "--overwrite"], r"@RUN@\b.*\brun\b|\brun\b.*@RUN@", ()),
         ("--resume=/etc/passwd", RESUME + ["/etc/passwd"], r"/etc/passwd\b.*not a PyTorch checkpoint", INTERNAL),
         ("--resume=truncated", RESUME + ["@TRUNC@"], r"@TRUNC@\b.*(truncat|damag|corrupt|cannot be read)", INTERNAL),
@@ -100,7 +125,11 @@ def make_run_dir(folder, script):
 
 
 @pytest.mark.parametrize("script,case,argv,pattern,forbidden", PARAMS)
-def test_bad_input_is_one_line_exit_2_and_touches_nothing(script, case, argv, pattern, forbidden, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(script, case, argv, pattern, forbidden, tmp_path, capsys,
+                                                          monkeypatch):
+    """Each case of the table; a missing check shows as a run that trains (exit 0), a traceback, a message about
+    something else, or files written: into --out, or (the cases run in tmp_path) into the current folder."""
+    monkeypatch.chdir(tmp_path)  # a case that writes relative to the current folder writes here, not into the checkout
     run_dir, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
     before = make_run_dir(run_dir, script)
     elsewhere.mkdir()
@@ -136,3 +165,38 @@ def test_a_run_that_fails_at_start_leaves_no_empty_folder(script, tmp_path, caps
     for argv in (["--dataset", "cifar10", "--data-root", str(tmp_path / "nodata")], ["--dataset", "fake", "--image-size", "30"]):
         code, err = run_script(module, argv + ["--out", tmp_path / "new"], capsys)
         assert code == 2 and not (tmp_path / "new").exists(), err
+
+
+def test_score_refuses_too_few_samples_and_empty_paths(tmp_path, capsys, monkeypatch):
+    """`python common.py score` on a generated.npz of fewer than 10 images, or with an empty path: one line, exit 2,
+    the minimum stated. Catches the FID traceback ("Eigenvalues did not converge") on a 1-image file, and an empty
+    --data-root that would read and cache data in the current folder."""
+    import numpy as np
+
+    import common
+    monkeypatch.chdir(tmp_path)
+    tiny = tmp_path / "tiny.npz"
+    np.savez(tiny, images=np.zeros((1, 1, 28, 28), np.uint8))
+    cases = [(["--samples", tiny], rf"{re.escape(str(tiny))} holds 1 image\b.*at least 10"),
+             (["--samples", ""], r"--samples\b.*''"),
+             (["--samples", tiny, "--data-root", ""], r"--data-root\b.*''"),
+             (["--samples", tiny, "--eval-real", "1"], r"--eval-real\b.*at least 10.*\b1\b")]
+    for argv, pattern in cases:
+        with pytest.raises(SystemExit) as e:
+            common.main(["score", "--dataset", "fake", "--data-root", tmp_path / "data", *argv])
+        lines = capsys.readouterr().err.splitlines()
+        assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("common.py score: error: "), lines
+        assert re.search(pattern, lines[0]), (pattern, lines[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.npz"], "files written by a refused command"
+
+
+def test_an_evaluation_with_too_few_real_images_is_skipped_in_words(data_root):
+    """A dataset of fewer than 10 images (a tiny image folder) still trains, and its evaluation says why it has no
+    metrics instead of failing in FID. Catches the covariance of a single real image (NaN) reaching FID's
+    eigendecomposition: "numpy.linalg.LinAlgError: Eigenvalues did not converge" at the run's first evaluation."""
+    import common
+    fake = common.load_dataset("fake", data_root)
+    one = common.ImageData("fake", fake.images[:1], fake.labels[:1], fake.num_classes)
+    evaluator = common.Evaluator(one, data_root, "cpu", n_samples=20)
+    assert evaluator.score(fake.images[:20]) == {}
+    assert re.search(r"metrics skipped\b.*\b10\b.*\bfake has 1\b", evaluator.source), evaluator.source
