@@ -1721,8 +1721,11 @@ class Run:
 
     def _on_signal(self, signum, frame):
         self.stop_signal = self.stop_signal or signum
-        # the same signal again ends the process as it would without us (a second Ctrl-C raises KeyboardInterrupt)
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        # A second Ctrl-C ends the process as it would without us (KeyboardInterrupt): the user typed it twice.
+        # SIGTERM and SIGUSR1 may arrive twice by design (SLURM signals every process of a job step and torchrun
+        # forwards the same signal again): a repeat is ignored; a scheduler follows its grace time with SIGKILL.
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.default_int_handler)
 
     def _restore_signals(self):
         for sig, handler in self._old_handlers.items():  # also after an error: a notebook's next Ctrl-C must work
@@ -1789,7 +1792,12 @@ class Run:
         raise SystemExit(1) from None
 
     def __exit__(self, kind, err, tb):
-        self._restore_signals()
+        try:
+            return self._exit(kind, err)
+        finally:  # only now: a repeated SIGTERM during the final save must not kill it
+            self._restore_signals()
+
+    def _exit(self, kind, err):
         if self.tty:
             print()
         if kind is not None and self.stop_signal and self.world > 1 and not issubclass(kind, (Diverged, OSError)):

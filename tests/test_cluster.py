@@ -29,14 +29,16 @@ def logged_step(out):
     return max([r["step"] for r in common.read_metrics(path) if "loss_d" in r] or [0]) if path.exists() else 0
 
 
-def signal_mid_run(cmd, out, sig, at_step, cwd=ROOT):
-    """Start `cmd`, send `sig` once it has logged `at_step`, return (exit code, stderr)."""
+def signal_mid_run(cmd, out, sig, at_step, cwd=ROOT, times=1):
+    """Start `cmd`, send `sig` (`times` times) once it has logged `at_step`, return (exit code, stderr)."""
     p = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and logged_step(out) < at_step and p.poll() is None:
             time.sleep(0.2)
-        p.send_signal(sig)
+        for _ in range(times):
+            p.send_signal(sig)
+            time.sleep(0.05)
         _, err = p.communicate(timeout=90)
     finally:
         if p.poll() is None:
@@ -49,12 +51,13 @@ def test_a_signal_saves_the_last_step_and_auto_resume_ends_where_a_straight_run_
     """SIGTERM (schedulers, torchrun) and SIGUSR1 (SLURM's --signal warning) mid-run: exit 128 + the signal, one line
     and no traceback, the checkpoint holds the last finished step (the last logged one, with --log-every 1); the
     SAME command with --resume auto (a requeue) continues it, and a shorter --max-steps ends it bit for bit where
-    an uninterrupted run ends. Catches an unhandled signal (killed at once: exit -15, checkpoint of step 0), a save
-    before the step finished, and a requeue refused for repeating its model flags."""
+    an uninterrupted run ends. The signal is sent twice, as SLURM (to every process of the step) and torchrun
+    (forwarding) may deliver it. Catches an unhandled signal (killed at once: exit -15, checkpoint of step 0), a
+    repeat that kills the save, a save before the step finished, and a requeue refused for repeating its flags."""
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "dcgan.py")] + TINY + [
         "--log-every", "1", "--sample-every", "1000", "--data-root", str(data_root), "--out", str(out), "--resume", "auto"]
-    code, err = signal_mid_run(cmd + ["--max-steps", "100000"], out, sig, at_step=4)
+    code, err = signal_mid_run(cmd + ["--max-steps", "100000"], out, sig, at_step=4, times=2)
     assert code == 128 + sig, err
     assert "interrupted at step" in err and signal.Signals(sig).name in err and "Traceback" not in err, err
     state = common.load_checkpoint(out / "checkpoint.pt", "dcgan")
