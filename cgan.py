@@ -118,17 +118,19 @@ class Discriminator(nn.Module):
         s0, n = common.conv_plan(image_size)
         drop = [nn.Dropout(dropout)] if dropout > 0 else []
         cin = channels + (num_classes if d_cond == "concat" else 0)
-        # dcgan.py's D, with one deliberate difference: biases where no BatchNorm follows to absorb them,
-        # i.e. in the spectrally normalised D, which drops BatchNorm (Miyato et al. 2018's D has biases).
+        # dcgan.py's D, with the same rule for biases: a bias is redundant only where a BatchNorm follows to
+        # absorb it. So the first conv and psi always have one (without them the projection recipe collapsed at
+        # seed 0 on MNIST: issue 21), and the middle convs have one when spectral norm drops BatchNorm (Miyato
+        # et al. 2018's D has biases).
         bias = not batchnorm
         ch = width
-        layers = [nn.Conv2d(cin, ch, 4, 2, 1, bias=bias), nn.LeakyReLU(0.2, True), *drop]  # (w, size/2, size/2); no BN here
+        layers = [nn.Conv2d(cin, ch, 4, 2, 1), nn.LeakyReLU(0.2, True), *drop]  # (w, size/2, size/2); no BN here
         for _ in range(n - 1):
             layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=bias), nn.BatchNorm2d(ch * 2) if batchnorm else nn.Identity(),
                        nn.LeakyReLU(0.2, True), *drop]  # (2ch, H/2, W/2)
             ch *= 2
         self.phi = nn.Sequential(*layers)
-        self.psi = nn.Conv2d(ch, 1, s0, 1, 0, bias=bias)  # (1, 1, 1): the unconditional logit
+        self.psi = nn.Conv2d(ch, 1, s0, 1, 0)  # (1, 1, 1): the unconditional logit
         self.embed = nn.Embedding(num_classes, ch) if d_cond == "projection" else None
 
     def forward(self, x, y):
@@ -268,7 +270,8 @@ def train(args):
     G_ddp, D_ddp = run.distribute(G), run.distribute(D)  # under torchrun: DDP, gradients averaged; else G, D
     total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
     # num_classes=K: sample grids with one row per class, evaluation with balanced labels and cls_acc
-    step = run.start(total, lambda z, y: sample_images(G, z, y), latent_dim=args.latent_dim, num_classes=K, panels=[
+    step = run.start(total, lambda z, y: sample_images(G, z, y), latent_dim=args.latent_dim, num_classes=K,
+                     d_loss_floor=0, panels=[  # D's cross-entropy >= 0: Run says when D has won
         ("losses", ["loss_d", "loss_g"]),
         ("D output sigmoid(D(.))", ["p_real", "p_fake"]),
         ("conditional accuracy (classifier)", ["cls_acc"]),

@@ -1471,6 +1471,11 @@ class Meter:
 
 # Signals that end a run as Ctrl-C does (Run.__enter__); SIGUSR1 is not on Windows.
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+# D has won when its loss stays this close to its floor (0 for cross-entropy and hinge) for this many log lines
+# in a row while G's loss climbs: D then separates real from fake with certainty, G's gradient vanishes
+# (cross-entropy) or points nowhere useful, and the samples stop improving. A healthy D's loss sits near
+# 2 log 2 = 1.39 (cross-entropy at equilibrium) and rarely below 0.3; the issue's collapse had 1e-3 by step 1000.
+D_WON_LOSS, D_WON_LINES = 0.01, 5
 RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "progress.gif", "generated.npz")
 RUN_PICTURES = ("losses.png", "interpolation.png", "class_histogram.png", "predictions.png",
                 "attention.png")  # and more per script
@@ -1646,9 +1651,12 @@ class Run:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def start(self, total, sample, panels, latent_dim, num_classes=None):
-        """Set the schedule's length and what it draws with; build the evaluator; write args.json. Returns the step."""
+    def start(self, total, sample, panels, latent_dim, num_classes=None, d_loss_floor=None):
+        """Set the schedule's length and what it draws with; build the evaluator; write args.json. Returns the step.
+        `d_loss_floor`: the least value D's loss can take (0 for cross-entropy and hinge losses), to say when D
+        has won; None for a critic's loss, which has no floor (Wasserstein)."""
         self.total, self.sample, self.panels, self.num_classes = total, sample, panels, num_classes
+        self.d_loss_floor, self._d_window, self._d_won = d_loss_floor, [], False
         self.latent_dim = latent_dim
         # The sample grid's noise comes from its own generator: drawing it shifts no training stream.
         g = torch.Generator(self.device).manual_seed(self.args.seed + 4)
@@ -1848,6 +1856,33 @@ class Run:
         stats = self.meter.read(self.world)  # the one host sync of a log step (averaged over the processes)
         check_finite(self.step, stats)  # the same verdict in every process
         self.log(stats, rate=True)
+        self._watch_d(stats)
+
+    def _watch_d(self, stats):
+        """Say it, once, when D has won (D_WON_LOSS): one line on stderr and a `d_won` row in metrics.jsonl. Training
+        goes on: D sometimes loses its grip again, and the user decides. Said again only after D's loss recovered."""
+        if self.d_loss_floor is None or "loss_d" not in stats or "loss_g" not in stats:
+            return
+        w = self._d_window
+        w.append((stats["loss_d"] - self.d_loss_floor, stats["loss_g"]))
+        del w[:-D_WON_LINES]
+        if self._d_won:
+            self._d_won = min(d for d, _ in w) < 10 * D_WON_LOSS  # re-armed once D's loss is well off its floor
+            return
+        if len(w) < D_WON_LINES or max(d for d, _ in w) >= D_WON_LOSS or w[-1][1] <= w[0][1]:
+            return
+        self._d_won = True
+        a = self.args
+        tries = [f"a lower --lr-d (now {a.lr_d:g})" if "lr_d" in vars(a) else "",
+                 f"fewer D steps (--n-dis, now {a.n_dis})" if getattr(a, "n_dis", 1) > 1 else "",
+                 "spectral norm on D (--spectral-norm d)" if getattr(a, "spectral_norm", None) in ("none", "g") else "",
+                 "another --seed"]
+        if self.rank == 0:
+            print(f"{self.script}.py: D has won at step {self.step}: its loss has stayed below {D_WON_LOSS} for "
+                  f"{D_WON_LINES} log lines while G's rose from {w[0][1]:.3g} to {w[-1][1]:.3g}, so G learns little "
+                  f"more. Training goes on; what usually helps: {', '.join(t for t in tries if t)}",
+                  file=sys.stderr, flush=True)
+        self.log({"d_won": {"loss_d": w[-1][0] + self.d_loss_floor, "loss_g_from": w[0][1], "loss_g_to": w[-1][1]}})
 
     def log(self, record, rate=False):
         """Append one JSON line: step, epoch, the record, elapsed time and, for training statistics, the

@@ -99,13 +99,16 @@ class Discriminator(nn.Module):
         s0, n = common.conv_plan(image_size)
         drop = [nn.Dropout(dropout)] if dropout > 0 else []
         ch = width
-        layers = [nn.Conv2d(channels, ch, 4, 2, 1, bias=False),  # (w, size/2, size/2); no BN on the input layer (Sec. 3)
+        # A bias is redundant only where a BatchNorm follows (its mean subtraction removes it): so the first conv
+        # and the output keep theirs. Without them the cgan projection recipe collapsed at seed 0 on MNIST (D's loss
+        # 3e-7, every sample one blob; issue 21); the DCGAN authors' code has biases there too.
+        layers = [nn.Conv2d(channels, ch, 4, 2, 1),  # (w, size/2, size/2); no BN on the input layer (Sec. 3)
                   nn.LeakyReLU(0.2, True), *drop]
         for _ in range(n - 1):
-            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),  # (2ch, H/2, W/2)
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),  # (2ch, H/2, W/2); BN absorbs a bias
                        nn.BatchNorm2d(ch * 2), nn.LeakyReLU(0.2, True), *drop]
             ch *= 2
-        layers += [nn.Conv2d(ch, 1, s0, 1, 0, bias=False)]  # (1, 1, 1): a logit, no sigmoid (the loss takes logits)
+        layers += [nn.Conv2d(ch, 1, s0, 1, 0)]  # (1, 1, 1): a logit, no sigmoid (the loss takes logits)
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
@@ -202,7 +205,8 @@ def train(args):
     batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # with --resume: their saved states
     G_ddp, D_ddp = run.distribute(G), run.distribute(D)  # under torchrun: DDP, gradients averaged; else G, D
     total = min(args.max_steps or math.inf, args.epochs * batches.per_epoch // args.n_dis)
-    step = run.start(total, lambda z, y: sample_images(G, z), latent_dim=args.latent_dim, panels=[
+    step = run.start(total, lambda z, y: sample_images(G, z), latent_dim=args.latent_dim,
+                     d_loss_floor=0, panels=[  # D's cross-entropy >= 0: Run says when D has won
         ("losses", ["loss_d", "loss_g"]),
         ("D accuracy (0.5 = fooled)", ["acc_real", "acc_fake"]),
         ("D output sigmoid(D(.))", ["p_real", "p_fake"]),

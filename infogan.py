@@ -426,7 +426,7 @@ def train(args):
     def sample(noise, c1=None):  # Run's noise (and, from --generate or purity, the asked c1) -> images
         return sample_images(G, *latent(noise, c1))
 
-    step = run.start(total, sample, latent_dim=width, panels=[  # latent_dim: the width of the noise Run draws
+    step = run.start(total, sample, latent_dim=width, d_loss_floor=0, panels=[  # latent_dim: the noise's width
         ("adversarial losses", ["loss_d", "loss_g"]),
         (f"information terms (loss_cat at chance: {math.log(K):.2f})",
          ["loss_cat"] + (["loss_cont"] if args.n_cont else [])),

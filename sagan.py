@@ -496,7 +496,7 @@ def train(args):
     gammas = {f"gamma_g{i}": m.gamma for i, m in enumerate(attention_layers(G))}
     gammas |= {f"gamma_d{i}": m.gamma for i, m in enumerate(attention_layers(D))}
     step = run.start(total, lambda z, y: sample_images(ema.ready() if ema else G, z, y), latent_dim=args.latent_dim,
-                     num_classes=K or None, panels=[
+                     num_classes=K or None, d_loss_floor=0, panels=[  # hinge loss >= 0
                          ("losses", ["loss_d", "loss_g"]),
                          ("D output (raw)", ["d_real", "d_fake"]),
                          ("attention gamma (0: the block is the identity)", list(gammas)),

@@ -420,7 +420,7 @@ def train(args):
     run.per_process(g_batch, "--g-batch-size")  # under torchrun: it must split evenly, like --batch-size
     sigmas = [f"sigma_{i}" for i in range(len(sn_layers(D)))]
     step = run.start(total, lambda z, y: sample_images(ema.ready() if ema else G, z, y), latent_dim=args.latent_dim,
-                     num_classes=K or None, panels=[
+                     num_classes=K or None, d_loss_floor=None if args.loss == "wasserstein" else 0, panels=[  # hinge, ns >= 0
                          ("losses", ["loss_d", "loss_g"]),
                          ("D output (raw)", ["d_real", "d_fake"]),
                          ("largest singular value of each D layer (SN: ~1)", sigmas),

@@ -96,12 +96,14 @@ class Critic(nn.Module):
         super().__init__()
         s0, n = common.conv_plan(image_size)
         ch = width
-        layers = [nn.Conv2d(channels, ch, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]  # (w, size/2, size/2)
+        # Biases as dcgan.py's D: only where no BatchNorm follows (the first conv, the score, and every conv with
+        # --critic-norm none); clipping bounds them as it bounds the weights.
+        layers = [nn.Conv2d(channels, ch, 4, 2, 1), nn.LeakyReLU(0.2, True)]  # (w, size/2, size/2)
         for _ in range(n - 1):
-            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),  # (2ch, H/2, W/2)
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=not batchnorm),  # (2ch, H/2, W/2)
                        nn.BatchNorm2d(ch * 2) if batchnorm else nn.Identity(), nn.LeakyReLU(0.2, True)]
             ch *= 2
-        layers += [nn.Conv2d(ch, 1, s0, 1, 0, bias=False)]  # (1, 1, 1): the critic's score, no sigmoid
+        layers += [nn.Conv2d(ch, 1, s0, 1, 0)]  # (1, 1, 1): the critic's score, no sigmoid
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):

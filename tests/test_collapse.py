@@ -1,0 +1,128 @@
+"""When D has won: the run says so once, in one line and one metrics row, and trains on (issue 21); D's biases
+follow one rule; the cgan projection recipe does not collapse on several seeds (slow)."""
+import types
+
+import pytest
+import torch.nn as nn
+
+import cgan
+import common
+import dcgan
+import infogan
+import wgan_clip
+from conftest import run_script
+
+TINY = ["--dataset", "fake", "--width", "8", "--batch-size", "32", "--eval-every", "0", "--eval-samples", "100",
+        "--sample-every", "1000", "--log-every", "5", "--no-amp"]
+
+
+def watcher(floor=0.0, **args):
+    """A Run with only what _watch_d reads: the log goes to a list."""
+    run = common.Run.__new__(common.Run)
+    run.args = types.SimpleNamespace(**({"lr_d": 2e-4, "n_dis": 1, "spectral_norm": "none"} | args))
+    run.script, run.rank, run.step = "cgan", 0, 0
+    run.d_loss_floor, run._d_window, run._d_won = floor, [], False
+    run.rows = []
+    run.log = lambda record, rate=False: run.rows.append({"step": run.step, **record})
+    return run
+
+
+def feed(run, pairs, start=50, every=50):
+    for i, (d, g) in enumerate(pairs):
+        run.step = start + i * every
+        run._watch_d({"loss_d": d, "loss_g": g})
+
+
+def test_d_won_is_said_once_with_the_step_and_what_to_try(capsys):
+    """Five log lines of loss_d below 0.01 while loss_g climbs: one line naming the first step it is sure of and the
+    script's own remedies, one `d_won` row; then silence while D stays on top; said again only after D's loss
+    recovered and fell again. Catches a detector that never fires, one that fires every log line, and a message
+    naming flags the script does not have."""
+    run = watcher()
+    feed(run, [(0.6, 1.0)] * 5 + [(0.005, 4 + i) for i in range(10)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "D has won at step 500" in err[0], err
+    assert "--lr-d (now 0.0002)" in err[0] and "--spectral-norm d" in err[0] and "--seed" in err[0], err
+    assert "--n-dis" not in err[0]  # one D step already: "fewer D steps" would be no advice
+    assert [r["step"] for r in run.rows] == [500] and run.rows[0]["d_won"]["loss_g_to"] == 8
+    feed(run, [(0.7, 1.0)] * 5 + [(0.001, 5 + i) for i in range(5)], start=1000)
+    assert [r["step"] for r in run.rows] == [500, 1450]
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("pairs", [
+    [(0.6 + 0.01 * (i % 3), 1.5 + 0.1 * (i % 2)) for i in range(30)],  # healthy: D near 0.6, G near 1.5
+    [(0.005, 9 - 0.1 * i) for i in range(30)],  # D near 0, but G's loss falls: G is catching up
+    [(0.005, 5 + i) for i in range(4)] + [(0.3, 5)] + [(0.005, 5 + i) for i in range(4)],  # never 5 lines in a row
+])
+def test_d_won_is_silent_otherwise(pairs, capsys):
+    """Catches a detector on loss_d alone (G recovering is not a collapse) or on fewer lines than it says."""
+    run = watcher()
+    feed(run, pairs)
+    assert run.rows == [] and capsys.readouterr().err == ""
+
+
+def test_d_won_is_silent_for_a_critic(capsys):
+    """A Wasserstein critic's loss has no floor (it is negative when training goes well): no verdict there.
+    Catches a detector applied to every script's loss_d."""
+    run = watcher(floor=None)
+    feed(run, [(0.001, 5 + i) for i in range(10)])
+    assert run.rows == [] and capsys.readouterr().err == ""
+
+
+def test_a_run_made_to_collapse_says_so_and_trains_on(tmp_path, data_root, capsys):
+    """dcgan whose G barely learns (--lr-g 1e-9) against a fast D: D wins within a few dozen steps. The real run
+    prints the line once, writes the row, and still runs to --max-steps with exit 0. The same run with the recipe's
+    learning rates is silent. Catches a detector that is not wired into the scripts, that stops the run, or that
+    fires on a healthy run."""
+    base = TINY + ["--data-root", data_root, "--max-steps", 150]
+    code, err = run_script(dcgan, base + ["--lr-g", "1e-9", "--lr-d", "2e-3", "--out", tmp_path / "won"], capsys)
+    assert code == 0, err
+    assert err.count("D has won at step") == 1, err
+    rows = common.read_metrics(tmp_path / "won" / "metrics.jsonl")
+    assert len([r for r in rows if "d_won" in r]) == 1 and max(r["step"] for r in rows) == 150
+    code, err = run_script(dcgan, base + ["--out", tmp_path / "ok"], capsys)
+    assert code == 0 and "D has won" not in err, err
+    assert not [r for r in common.read_metrics(tmp_path / "ok" / "metrics.jsonl") if "d_won" in r]
+
+
+@pytest.mark.parametrize("make", [
+    lambda bn: dcgan.Discriminator(1, 28, 8),
+    lambda bn: cgan.Discriminator(1, 28, 10, 8, "projection", batchnorm=bn),
+    lambda bn: wgan_clip.Critic(1, 28, 8, batchnorm=bn),
+    lambda bn: infogan.Discriminator(1, 28, 10, 2, 8),
+])
+@pytest.mark.parametrize("bn", [True, False])
+def test_every_d_conv_has_a_bias_unless_a_batchnorm_follows(make, bn):
+    """The rule of issue 21, layer by layer: a conv feeding a BatchNorm has no bias (it would be subtracted away),
+    every other conv has one. Catches the biases of the first conv and of the output being dropped again (the
+    cgan projection D then collapsed at seed 0 on MNIST)."""
+    net = make(bn)
+    mods = [m for m in net.modules() if not isinstance(m, (nn.Sequential, nn.Identity, nn.LeakyReLU, nn.Dropout))]
+    mods = [m for m in mods if m is not net and not isinstance(m, nn.Embedding)]
+    convs = [i for i, m in enumerate(mods) if isinstance(m, nn.Conv2d)]
+    assert len(convs) >= 2
+    for i in convs:
+        followed_by_bn = i + 1 < len(mods) and isinstance(mods[i + 1], nn.BatchNorm2d)
+        assert (mods[i].bias is None) == followed_by_bn, (i, mods[i], mods[i + 1] if i + 1 < len(mods) else None)
+
+
+@pytest.mark.slow
+def test_the_cgan_projection_recipe_trains_on_several_seeds(tmp_path, data_root, capsys):
+    """The README's cgan CPU recipe (projection D, width 32, batch 64) on the fake data, 4 seeds x 800 steps: D must
+    not win on any (no `d_won` row, D's loss over the last log lines above 0.05) and the samples must not all fall
+    in one class. Catches a network change that lets D win at some seed, as dropping D's first and last biases did
+    on MNIST at seed 0."""
+    for seed in range(4):
+        out = tmp_path / f"s{seed}"
+        code, err = run_script(cgan, ["--dataset", "fake", "--d-cond", "projection", "--width", "32", "--batch-size",
+                                      "64", "--max-steps", 800, "--eval-every", "0", "--eval-samples", "500",
+                                      "--sample-every", "1000", "--seed", seed, "--data-root", data_root, "--out", out],
+                               capsys)
+        assert code == 0, err
+        rows = common.read_metrics(out / "metrics.jsonl")
+        train = [r for r in rows if "loss_d" in r]
+        assert not [r for r in rows if "d_won" in r], (seed, err)
+        assert sum(r["loss_d"] for r in train[-5:]) / 5 > 0.05, (seed, train[-5:])
+        hist = [r for r in rows if "cls_hist" in r][-1]["cls_hist"]
+        assert max(hist) <= 0.5, (seed, hist)
