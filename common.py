@@ -227,11 +227,16 @@ def resume(args, script):
             raise UsageError("--resume auto and --overwrite exclude each other (a requeued job would replace its own run)")
         found = Path(args.out) / "checkpoint.pt"
         args.resume = str(found) if found.exists() else None
+        # no checkpoint: nothing was saved (a run saves at step 0), so run files left by a start that failed
+        # (a full disk, a kill before the first save) are replaced rather than refused
+        args.overwrite = args.resume is None
     if not args.resume:
         return args, None
     state = load_checkpoint(args.resume, script)
     saved = state["args"]
-    fixed = sorted(f for f in args._typed - RESUMABLE if f not in saved or getattr(args, f) != saved[f])
+    def same(a, b):  # a list flag may be saved normalised (sagan's --attn-res: sorted, without repeats)
+        return a == b or (isinstance(a, list) and isinstance(b, list) and sorted(set(a)) == sorted(set(b)))
+    fixed = sorted(f for f in args._typed - RESUMABLE if f not in saved or not same(getattr(args, f), saved[f]))
     if fixed:
         raise UsageError(f"--resume keeps the checkpoint's settings; {', '.join('--' + f.replace('_', '-') for f in fixed)} "
                          f"cannot change (allowed: length, device, output and logging flags)")
@@ -1599,6 +1604,11 @@ class Run:
                 if isinstance(obj, torch.optim.Optimizer):
                     load_optimizer(obj, self.state[name])
                 else:
+                    missing = set(obj.state_dict()) - set(self.state[name])
+                    if missing:  # e.g. D's first and last biases, restored after this checkpoint was written
+                        raise UsageError(f"{self.args.resume}: its {name} lacks {', '.join(sorted(missing)[:3])}: it was "
+                                         f"written by an older version of {self.script}.py's networks (issue 21 "
+                                         f"restored D's biases); resume it with the version that wrote it")
                     obj.load_state_dict(self.state[name])
             set_rng_state(self.state["rng"], self.device)  # last: building the networks drew from the RNG
             position = self.state["position"]
@@ -1756,7 +1766,12 @@ class Run:
         if self.world > 1:  # one process's clock or signal (on its machine) stops them all, for the same reason
             flags = torch.tensor([float(self.stop_signal), float(timed_out)], device=self.device)
             dist.all_reduce(flags, dist.ReduceOp.MAX)
-            self.stop_signal, timed_out = int(flags[0]), bool(flags[1])
+            # from locals: a signal handled during the all-reduce must neither be overwritten by the agreed 0
+            # nor stop this process alone (it is agreed on at the next log step)
+            agreed, timed_out = int(flags[0]), bool(flags[1])
+            if agreed:
+                self.stop_signal = self.stop_signal or agreed
+            return bool(agreed) or timed_out
         return self.interrupted or timed_out
 
     def end_step(self, step, **stats):
@@ -1875,7 +1890,8 @@ class Run:
         a = self.args
         tries = [f"a lower --lr-d (now {a.lr_d:g})" if "lr_d" in vars(a) else "",
                  f"fewer D steps (--n-dis, now {a.n_dis})" if getattr(a, "n_dis", 1) > 1 else "",
-                 "spectral norm on D (--spectral-norm d)" if getattr(a, "spectral_norm", None) in ("none", "g") else "",
+                 {"none": "spectral norm on D (--spectral-norm d)", "g": "spectral norm on D as well (--spectral-norm "
+                  "both)"}.get(getattr(a, "spectral_norm", None), ""),
                  "another --seed"]
         if self.rank == 0:
             print(f"{self.script}.py: D has won at step {self.step}: its loss has stayed below {D_WON_LOSS} for "

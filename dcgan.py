@@ -101,7 +101,7 @@ class Discriminator(nn.Module):
         ch = width
         # A bias is redundant only where a BatchNorm follows (its mean subtraction removes it): so the first conv
         # and the output keep theirs. Without them the cgan projection recipe collapsed at seed 0 on MNIST (D's loss
-        # 3e-7, every sample one blob; issue 21); the DCGAN authors' code has biases there too.
+        # 3e-7, every sample one blob; issue 21). A deviation: the DCGAN authors' D has no biases in these layers.
         layers = [nn.Conv2d(channels, ch, 4, 2, 1),  # (w, size/2, size/2); no BN on the input layer (Sec. 3)
                   nn.LeakyReLU(0.2, True), *drop]
         for _ in range(n - 1):

@@ -117,6 +117,25 @@ def test_resume_auto_starts_then_continues(tmp_path, data_root, capsys):
     assert code == 2 and "--lr-g" in err
 
 
+def test_resume_auto_replaces_a_start_that_never_saved_and_refuses_old_networks(tmp_path, data_root, capsys):
+    """A start that died before its first checkpoint (a full disk at step 0, a kill) leaves run files but no
+    checkpoint.pt: the requeue with --resume auto starts over there instead of refusing a used --out (which would
+    end the requeue chain). A checkpoint whose D lacks a parameter the networks now have (written before issue 21
+    restored D's biases) is refused in one line, not a load_state_dict traceback. Catches both exits."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text("{}")
+    (out / "metrics.jsonl").write_text("")
+    cmd = TINY + ["--log-every", "1", "--data-root", data_root, "--out", out, "--resume", "auto", "--max-steps", "2"]
+    code, err = run_script(dcgan, cmd, capsys)
+    assert code == 0, err
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state["D"].pop("net.0.bias")
+    torch.save(state, out / "checkpoint.pt")
+    code, err = run_script(dcgan, cmd[:-1] + ["4"], capsys)
+    assert code == 2 and "net.0.bias" in err and "older version" in err and "Traceback" not in err, err
+
+
 def test_checkpoint_minutes_saves_on_the_clock_without_changing_training(tmp_path, data_root, monkeypatch):
     """--checkpoint-minutes: with --sample-every far away, a checkpoint at each log step once the minutes have
     passed (here 6 ms: every log step), no sample grid for those, and the run's final state equal to one without
