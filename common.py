@@ -284,6 +284,16 @@ def to_float(images_uint8):
     return images_uint8.float().div_(127.5).sub_(1.0)
 
 
+def spread(images, labels=None, pool=8):
+    """How much images differ in their coarse layout: each image averaged down to pool x pool, the standard deviation
+    of each of those values across the images, averaged (0 when all look the same). Pixel noise, which makes an
+    untrained G's samples differ pixel by pixel while they all look alike, averages away. With `labels`: within
+    each class, averaged over the classes."""
+    x = F.adaptive_avg_pool2d(images.detach().float(), pool).flatten(1)
+    groups = [x] if labels is None else [x[labels == c] for c in labels.unique() if (labels == c).sum() > 1]
+    return torch.stack([g.std(0).mean() for g in groups or [x]]).mean().item()
+
+
 def to_uint8(images):
     """float [-1, 1] -> uint8 [0, 255], rounding to the nearest level."""
     return images.detach().float().add(1).mul(127.5).round_().clamp_(0, 255).to(torch.uint8)
@@ -1481,6 +1491,13 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 # (cross-entropy) or points nowhere useful, and the samples stop improving. A healthy D's loss sits near
 # 2 log 2 = 1.39 (cross-entropy at equilibrium) and rarely below 0.3; the issue's collapse had 1e-3 by step 1000.
 D_WON_LOSS, D_WON_LINES = 0.01, 5
+# G's samples all look alike (mode collapse) when the sample grid's spread (`spread`: how much its images differ
+# in their coarse layout; within each class for a conditional G) is below this fraction of the real images'.
+# Judged at each sample grid after step 0, whatever the losses say (a G can collapse while D's loss looks healthy),
+# and said when ALIKE_GRIDS grids in a row are below: an untrained G's samples look alike too, for a few hundred steps.
+# Measured on Fashion-MNIST and rendered digits (README, "When a run collapses"): Gs that collapsed to one image or
+# one texture 0.05-0.14; dcgan from step 250 on and cgan's 16 seeds at step 3000, 0.47-1.03.
+ALIKE, ALIKE_GRIDS = 0.2, 2
 RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "progress.gif", "generated.npz")
 RUN_PICTURES = ("losses.png", "interpolation.png", "class_histogram.png", "predictions.png",
                 "attention.png")  # and more per script
@@ -1667,6 +1684,7 @@ class Run:
         has won; None for a critic's loss, which has no floor (Wasserstein)."""
         self.total, self.sample, self.panels, self.num_classes = total, sample, panels, num_classes
         self.d_loss_floor, self._d_window, self._d_won = d_loss_floor, [], False
+        self._alike, self._alike_grids = False, 0
         self.latent_dim = latent_dim
         # The sample grid's noise comes from its own generator: drawing it shifts no training stream.
         g = torch.Generator(self.device).manual_seed(self.args.seed + 4)
@@ -1678,6 +1696,12 @@ class Run:
         if self.state is not None:
             self.fixed_z = self.state["fixed_z"].to(self.device)
         if self.rank == 0:  # rank 0 alone evaluates and writes
+            # the yardstick of "samples all alike" (_watch_alike): the spread of 1024 real images (within each class
+            # for a conditional G), drawn once
+            idx = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.args.seed + 5))[:1024]
+            idx = idx.sort().values  # in file order: a memory map reads forward
+            self._real_spread = spread(to_float(self.data.images[idx.to(self.data.images.device)]),
+                                       self.data.labels[idx.to(self.data.labels.device)] if num_classes else None)
             self.evaluator = Evaluator(self.data, self.args.data_root, self.device, self.args.eval_samples,
                                        self.args.seed, self.args.eval_real, self.args.inception_weights)
             try:
@@ -1887,18 +1911,39 @@ class Run:
         if len(w) < D_WON_LINES or max(d for d, _ in w) >= D_WON_LOSS or w[-1][1] <= w[0][1]:
             return
         self._d_won = True
+        if self.rank == 0:
+            print(f"{self.script}.py: D has won at step {self.step}: its loss has stayed below {D_WON_LOSS} for "
+                  f"{D_WON_LINES} log lines while G's rose from {w[0][1]:.3g} to {w[-1][1]:.3g}, so G learns little "
+                  f"more. Training goes on; what usually helps: {self._remedies()}", file=sys.stderr, flush=True)
+        self.log({"d_won": {"loss_d": w[-1][0] + self.d_loss_floor, "loss_g_from": w[0][1], "loss_g_to": w[-1][1]}})
+
+    def _watch_alike(self, images):
+        """Say it, once, when the grid's samples all look alike (ALIKE, ALIKE_GRIDS grids in a row): one line on
+        stderr and an `alike` row in metrics.jsonl; training goes on. A conditional grid (10 noises per class) is
+        judged within each class: a G that draws one image per class has collapsed too. Said again only after the
+        spread recovered. Rank 0."""
+        ratio = spread(images, self.fixed_y) / max(self._real_spread, 1e-8)
+        if self._alike:
+            self._alike = ratio < 2 * ALIKE
+            return
+        self._alike_grids = self._alike_grids + 1 if ratio < ALIKE else 0
+        if self._alike_grids < ALIKE_GRIDS:
+            return
+        self._alike, self._alike_grids = True, 0
+        within = " within each class" if self.num_classes else ""
+        print(f"{self.script}.py: G's samples all look alike at step {self.step}: its last {ALIKE_GRIDS} sample grids "
+              f"varied{within} less than {ALIKE} times as much as real images do (now {ratio:.2g}: mode collapse). "
+              f"Training goes on; what usually helps: {self._remedies()}", file=sys.stderr, flush=True)
+        self.log({"alike": {"spread": ratio}})
+
+    def _remedies(self):
         a = self.args
         tries = [f"a lower --lr-d (now {a.lr_d:g})" if "lr_d" in vars(a) else "",
                  f"fewer D steps (--n-dis, now {a.n_dis})" if getattr(a, "n_dis", 1) > 1 else "",
                  {"none": "spectral norm on D (--spectral-norm d)", "g": "spectral norm on D as well (--spectral-norm "
                   "both)"}.get(getattr(a, "spectral_norm", None), ""),
                  "another --seed"]
-        if self.rank == 0:
-            print(f"{self.script}.py: D has won at step {self.step}: its loss has stayed below {D_WON_LOSS} for "
-                  f"{D_WON_LINES} log lines while G's rose from {w[0][1]:.3g} to {w[-1][1]:.3g}, so G learns little "
-                  f"more. Training goes on; what usually helps: {', '.join(t for t in tries if t)}",
-                  file=sys.stderr, flush=True)
-        self.log({"d_won": {"loss_d": w[-1][0] + self.d_loss_floor, "loss_g_from": w[0][1], "loss_g_to": w[-1][1]}})
+        return ", ".join(t for t in tries if t)
 
     def log(self, record, rate=False):
         """Append one JSON line: step, epoch, the record, elapsed time and, for training statistics, the
@@ -1947,8 +1992,10 @@ class Run:
             **{k: v.state_dict() for k, v in self.objects.items()}})
         self.saved_step, self._t_saved = self.step, time.time()
         if grid:
-            save_grid(self.sample(self.fixed_z, self.fixed_y), self.dir / "samples" / f"step_{self.step:07d}.png",
-                      nrow=10 if self.num_classes else 8)
+            images = self.sample(self.fixed_z, self.fixed_y)
+            save_grid(images, self.dir / "samples" / f"step_{self.step:07d}.png", nrow=10 if self.num_classes else 8)
+            if self.step > 0:
+                self._watch_alike(images)
         self._paused += time.time() - t
 
     def _check_weights(self, agree=False):

@@ -84,7 +84,9 @@ class Generator(nn.Module):
             layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),  # (ch/2, 2H, 2W)
                        nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
             ch //= 2
-        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1, bias=False), nn.Tanh()]  # (C, size, size); no BN at the output
+        # (C, size, size); no BN at the output. No bias either, as in the DCGAN authors' G, although no BN follows:
+        # D's rule for biases below comes from a D that won (issue 21); a bias here has not been measured.
+        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):

@@ -81,7 +81,7 @@ class Generator(nn.Module):
         for _ in range(n - 1):
             layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch // 2), nn.ReLU(True)]  # 2x size
             ch //= 2
-        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1, bias=False), nn.Tanh()]  # (C, size, size)
+        layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1, bias=False), nn.Tanh()]  # (C, size, size); no bias: dcgan.py
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):

@@ -4,12 +4,14 @@
     python tests/seed_sweep.py --scripts cgan --seeds 8           # Fashion-MNIST, seeds 0..7
     python tests/seed_sweep.py --scripts cgan --seeds 8 --dataset mnist --data-root /tmp/digits
     python tests/seed_sweep.py --scripts dcgan cgan --steps 2000 --jobs 2 --out /tmp/sweep
+    python tests/seed_sweep.py --scripts dcgan --root /work/before    # the scripts of another checkout (before/after)
 
 Each run is the recipe of the script's README row (its model flags), cut to a fixed number of steps so that
 every seed gets the same training, then evaluated once (2,000 samples through the data set's classifier). A run
 counts as collapsed when its D has won (the run's own detector wrote a `d_won` line into metrics.jsonl, or D's
 loss over its last log lines averages below 0.05 for a classifier D) or when its samples all look alike (the
-classifier puts over half of them in one class: the data's classes are balanced). One line per
+run's own detector wrote an `alike` line, judged on its last grid, or the classifier puts over half of them in
+one class: the data's classes are balanced). One line per
 run, then per script: seeds that trained / collapsed and the spread (min, median, max) of the final cls-FID.
 
 --make-digits writes a data set that is not Fashion-MNIST and not MNIST, in MNIST's file format (so the scripts
@@ -38,7 +40,7 @@ import common  # noqa: E402
 # Each script's README recipe (its front-page row) without the length and evaluation flags, and the steps a
 # sweep run makes: enough for D to win where it will (the collapse showed by step 1000).
 RECIPES = {
-    "dcgan": (["--width", "32", "--batch-size", "64"], 3000),
+    "dcgan": (["--width", "32", "--batch-size", "64"], 2000),
     "cgan": (["--d-cond", "projection", "--width", "32", "--batch-size", "64"], 3000),
     "wgan_clip": (["--width", "32", "--lr-g", "2e-4", "--lr-d", "2e-4"], 600),
     "wgan_gp": (["--width", "32"], 600),
@@ -84,10 +86,10 @@ def make_digits(root, n_train=20000, n_test=4000, seed=0):
     print(f"wrote {n_train} + {n_test} rendered digits ({len(fonts)} fonts) to {out}")
 
 
-def one_run(script, seed, dataset, data_root, out, extra):
+def one_run(script, seed, dataset, data_root, out, extra, root=ROOT):
     flags, steps = RECIPES[script]
-    cmd = [sys.executable, str(ROOT / f"{script}.py"), "--dataset", dataset, *flags, "--max-steps", str(steps),
-           "--seed", str(seed), "--eval-every", "0", "--eval-samples", "2000", "--sample-every", str(steps),
+    cmd = [sys.executable, str(Path(root) / f"{script}.py"), "--dataset", dataset, *flags, "--max-steps", str(steps),
+           "--seed", str(seed), "--eval-every", "0", "--eval-samples", "2000", "--sample-every", str(steps // 2),
            "--out", str(out), "--overwrite", *extra]
     if data_root:
         cmd += ["--data-root", str(data_root)]
@@ -98,17 +100,20 @@ def one_run(script, seed, dataset, data_root, out, extra):
     train = [r for r in rows if "loss_d" in r]
     evals = [r for r in rows if any(k.startswith("cls_fid") or k == "fid" for k in r)]
     won = [r for r in rows if "d_won" in r]
+    alike = [r for r in rows if "alike" in r]
     last = train[-5:]
     r = {"script": script, "seed": seed, "code": p.returncode, "minutes": (time.time() - t) / 60,
          "steps": train[-1]["step"] if train else 0,
          "loss_d": statistics.mean(x["loss_d"] for x in last) if last else float("nan"),
          "loss_g": statistics.mean(x["loss_g"] for x in last) if last else float("nan"),
-         "d_won_step": won[0]["step"] if won else None, "err": p.stderr.strip().splitlines()[-1:] if p.returncode else []}
+         "d_won_step": won[0]["step"] if won else None,
+         "alike_step": alike[0]["step"] if alike else None, "err": p.stderr.strip().splitlines()[-1:] if p.returncode else []}
     if evals:
         e = evals[-1]
         r.update({k: e[k] for k in ("cls_fid", "cls_is", "cls_acc") if k in e})
         r["class_max_share"] = max(e.get("cls_hist", [0]))
-    collapsed = r["d_won_step"] is not None or (script in CLASSIFIER_D and r["loss_d"] < 0.05)
+    collapsed = (r["d_won_step"] is not None or r["alike_step"] is not None
+                 or (script in CLASSIFIER_D and r["loss_d"] < 0.05))
     if r.get("class_max_share", 0) > 0.5:
         collapsed = True
     r["collapsed"] = collapsed or p.returncode != 0
@@ -126,6 +131,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="override every recipe's steps")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     p.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--root", default=ROOT, help="the checkout whose scripts run (default: this one)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for every run (last)")
     args = p.parse_args(argv)
     if args.make_digits:
@@ -140,7 +146,7 @@ def main(argv=None):
     jobs = [(s, seed) for s in args.scripts for seed in range(args.first_seed, args.first_seed + args.seeds)]
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = [pool.submit(one_run, s, seed, args.dataset, args.data_root, base / f"{s}-{args.dataset}-{seed}",
-                               args.extra) for s, seed in jobs]
+                               args.extra, args.root) for s, seed in jobs]
         for f in futures:
             r = f.result()
             results.append(r)

@@ -1,8 +1,10 @@
-"""When D has won: the run says so once, in one line and one metrics row, and trains on (issue 21); D's biases
-follow one rule; the cgan projection recipe does not collapse on several seeds (slow)."""
+"""When D has won, or G's samples all look alike: the run says so once, in one line and one metrics row, and
+trains on (issue 21); D's biases follow one rule; the cgan projection recipe does not collapse on several seeds
+(slow)."""
 import types
 
 import pytest
+import torch
 import torch.nn as nn
 
 import cgan
@@ -71,19 +73,61 @@ def test_d_won_is_silent_for_a_critic(capsys):
 
 
 def test_a_run_made_to_collapse_says_so_and_trains_on(tmp_path, data_root, capsys):
-    """dcgan whose G barely learns (--lr-g 1e-9) against a fast D: D wins within a few dozen steps. The real run
-    prints the line once, writes the row, and still runs to --max-steps with exit 0. The same run with the recipe's
-    learning rates is silent. Catches a detector that is not wired into the scripts, that stops the run, or that
-    fires on a healthy run."""
-    base = TINY + ["--data-root", data_root, "--max-steps", 150]
+    """dcgan whose G barely learns (--lr-g 1e-9) against a fast D: D wins within a few dozen steps, and G's samples
+    stay the untrained network's one texture. The real run prints each line once, writes each row, and still runs
+    to --max-steps with exit 0. The same run with the recipe's learning rates is silent. Catches a detector that is
+    not wired into the scripts, that stops the run, or that fires on a healthy run."""
+    base = TINY + ["--data-root", data_root, "--max-steps", 300, "--sample-every", 100]
     code, err = run_script(dcgan, base + ["--lr-g", "1e-9", "--lr-d", "2e-3", "--out", tmp_path / "won"], capsys)
     assert code == 0, err
-    assert err.count("D has won at step") == 1, err
+    assert err.count("D has won at step") == 1 and err.count("samples all look alike at step 200:") == 1, err
     rows = common.read_metrics(tmp_path / "won" / "metrics.jsonl")
-    assert len([r for r in rows if "d_won" in r]) == 1 and max(r["step"] for r in rows) == 150
+    assert len([r for r in rows if "d_won" in r]) == 1 and max(r["step"] for r in rows) == 300
+    assert [r["step"] for r in rows if "alike" in r] == [200]
     code, err = run_script(dcgan, base + ["--out", tmp_path / "ok"], capsys)
-    assert code == 0 and "D has won" not in err, err
-    assert not [r for r in common.read_metrics(tmp_path / "ok" / "metrics.jsonl") if "d_won" in r]
+    assert code == 0 and "D has won" not in err and "alike" not in err, err
+    assert not [r for r in common.read_metrics(tmp_path / "ok" / "metrics.jsonl") if "d_won" in r or "alike" in r]
+
+
+def test_spread_sees_layout_not_pixel_noise():
+    """`spread`, the measure of "samples all alike": 0 for one image repeated; small for one image with fresh pixel
+    noise on each copy (an untrained G's samples differ pixel by pixel yet all look the same); large for images
+    whose shapes differ; with labels, within each class only. Catches a plain per-pixel standard deviation (noise
+    would pass as variety) and a conditional grid judged across classes (one image per class would pass)."""
+    g = torch.Generator().manual_seed(0)
+    one = torch.rand(1, 1, 32, 32, generator=g) * 2 - 1
+    shapes = -torch.ones(64, 1, 32, 32)
+    for i in range(64):  # a bright square at a different place in each image
+        r, c = divmod(i, 8)
+        shapes[i, :, 3 * r:3 * r + 12, 3 * c:3 * c + 12] = 1
+    assert common.spread(one.repeat(64, 1, 1, 1)) == 0
+    noisy = (one + 0.4 * torch.randn(64, 1, 32, 32, generator=g)).clamp(-1, 1)
+    assert common.spread(noisy) < common.ALIKE * common.spread(shapes)
+    assert noisy.std(0).mean() > common.ALIKE * shapes.std(0).mean()  # pixel by pixel, the noise looks like variety
+    labels = torch.arange(8).repeat_interleave(8)
+    per_class = shapes[::8].repeat_interleave(8, 0)  # one image per class
+    assert common.spread(per_class) > 0.5 * common.spread(shapes) and common.spread(per_class, labels) == 0
+    assert common.spread(shapes, labels) > 0
+
+
+def test_alike_is_said_once_and_again_only_after_recovery(capsys):
+    """The grid's spread against the real images': below ALIKE at two grids in a row, one line and one `alike` row;
+    silent while it stays low; said again only after it recovered to twice ALIKE. Catches a warning at the first
+    low grid (an untrained G's), at every grid, and one that never re-arms."""
+    run = watcher()
+    run.fixed_y, run.num_classes, run._alike, run._alike_grids = None, None, False, 0
+    shapes = torch.zeros(16, 1, 8, 8)
+    for i in range(16):
+        shapes[i, :, i // 4 * 2:i // 4 * 2 + 2, i % 4 * 2:i % 4 * 2 + 2] = 1
+    run._real_spread = common.spread(shapes)
+    same = shapes[:1].repeat(16, 1, 1, 1)
+    grids = [shapes, same, shapes, same, same, same, shapes, same, same]
+    for step, images in enumerate(grids, 1):
+        run.step = 500 * step
+        run._watch_alike(images)
+    assert [r["step"] for r in run.rows] == [2500, 4500]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "samples all look alike at step 2500" in err[0] and "--seed" in err[0], err
 
 
 @pytest.mark.parametrize("make", [
@@ -110,19 +154,19 @@ def test_every_d_conv_has_a_bias_unless_a_batchnorm_follows(make, bn):
 @pytest.mark.slow
 def test_the_cgan_projection_recipe_trains_on_several_seeds(tmp_path, data_root, capsys):
     """The README's cgan CPU recipe (projection D, width 32, batch 64) on the fake data, 4 seeds x 800 steps: D must
-    not win on any (no `d_won` row, D's loss over the last log lines above 0.05) and the samples must not all fall
-    in one class. Catches a network change that lets D win at some seed, as dropping D's first and last biases did
-    on MNIST at seed 0."""
+    not win on any (no `d_won` row, D's loss over the last log lines above 0.05) and the samples must not all look
+    alike (no `alike` row at the grids of steps 400 and 800) nor fall in one class. Catches a network change that
+    lets D win at some seed, as dropping D's first and last biases did on MNIST at seed 0."""
     for seed in range(4):
         out = tmp_path / f"s{seed}"
         code, err = run_script(cgan, ["--dataset", "fake", "--d-cond", "projection", "--width", "32", "--batch-size",
                                       "64", "--max-steps", 800, "--eval-every", "0", "--eval-samples", "500",
-                                      "--sample-every", "1000", "--seed", seed, "--data-root", data_root, "--out", out],
+                                      "--sample-every", "400", "--seed", seed, "--data-root", data_root, "--out", out],
                                capsys)
         assert code == 0, err
         rows = common.read_metrics(out / "metrics.jsonl")
         train = [r for r in rows if "loss_d" in r]
-        assert not [r for r in rows if "d_won" in r], (seed, err)
+        assert not [r for r in rows if "d_won" in r or "alike" in r], (seed, err)
         assert sum(r["loss_d"] for r in train[-5:]) / 5 > 0.05, (seed, train[-5:])
         hist = [r for r in rows if "cls_hist" in r][-1]["cls_hist"]
         assert max(hist) <= 0.5, (seed, hist)
