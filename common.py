@@ -288,10 +288,16 @@ def spread(images, labels=None, pool=8):
     """How much images differ in their coarse layout: each image averaged down to pool x pool, the standard deviation
     of each of those values across the images, averaged (0 when all look the same). Pixel noise, which makes an
     untrained G's samples differ pixel by pixel while they all look alike, averages away. With `labels`: within
-    each class, averaged over the classes."""
-    x = F.adaptive_avg_pool2d(images.detach().float(), pool).flatten(1)
-    groups = [x] if labels is None else [x[labels == c] for c in labels.unique() if (labels == c).sum() > 1]
-    return torch.stack([g.std(0).mean() for g in groups or [x]]).mean().item()
+    each class that has 2 images or more, averaged over those classes (NaN if none has). Images: uint8 or float in
+    [-1, 1], on any device; computed on the CPU, in chunks (MPS pools only sizes divisible by `pool`)."""
+    x = torch.cat([F.adaptive_avg_pool2d(to_float(c.cpu()) if c.dtype == torch.uint8 else c.detach().cpu().float(), pool)
+                   for c in images.split(256)]).flatten(1)
+    if labels is None:
+        return x.std(0).mean().item()
+    labels = labels.cpu()
+    groups = [x[labels == c] for c in labels.unique()]
+    groups = [g for g in groups if len(g) > 1]
+    return torch.stack([g.std(0).mean() for g in groups]).mean().item() if groups else math.nan
 
 
 def to_uint8(images):
@@ -1492,12 +1498,11 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 # 2 log 2 = 1.39 (cross-entropy at equilibrium) and rarely below 0.3; the issue's collapse had 1e-3 by step 1000.
 D_WON_LOSS, D_WON_LINES = 0.01, 5
 # G's samples all look alike (mode collapse) when the sample grid's spread (`spread`: how much its images differ
-# in their coarse layout; within each class for a conditional G) is below this fraction of the real images'.
-# Judged at each sample grid after step 0, whatever the losses say (a G can collapse while D's loss looks healthy),
-# and said when ALIKE_GRIDS grids in a row are below: an untrained G's samples look alike too, for a few hundred steps.
-# Measured on Fashion-MNIST and rendered digits (README, "When a run collapses"): Gs that collapsed to one image or
-# one texture 0.05-0.14; dcgan from step 250 on and cgan's 16 seeds at step 3000, 0.47-1.03.
-ALIKE, ALIKE_GRIDS = 0.2, 2
+# in their coarse layout; within each class for a conditional G) stays below this fraction of the real images'
+# at every grid for ALIKE_STEPS steps (2 grids at the default --sample-every): an untrained G's samples look alike
+# too, for a hundred steps or two. Judged whatever the losses say: a G can collapse while D's loss looks healthy.
+# The measurements behind 0.2 are in the README ("When G's samples all look alike").
+ALIKE, ALIKE_STEPS = 0.2, 500
 RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "progress.gif", "generated.npz")
 RUN_PICTURES = ("losses.png", "interpolation.png", "class_histogram.png", "predictions.png",
                 "attention.png")  # and more per script
@@ -1684,7 +1689,7 @@ class Run:
         has won; None for a critic's loss, which has no floor (Wasserstein)."""
         self.total, self.sample, self.panels, self.num_classes = total, sample, panels, num_classes
         self.d_loss_floor, self._d_window, self._d_won = d_loss_floor, [], False
-        self._alike, self._alike_grids = False, 0
+        self._alike, self._alike_since = False, None
         self.latent_dim = latent_dim
         # The sample grid's noise comes from its own generator: drawing it shifts no training stream.
         g = torch.Generator(self.device).manual_seed(self.args.seed + 4)
@@ -1697,11 +1702,12 @@ class Run:
             self.fixed_z = self.state["fixed_z"].to(self.device)
         if self.rank == 0:  # rank 0 alone evaluates and writes
             # the yardstick of "samples all alike" (_watch_alike): the spread of 1024 real images (within each class
-            # for a conditional G), drawn once
+            # for a conditional G), drawn once; none when no class has 2 of them (the check is then off)
             idx = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.args.seed + 5))[:1024]
             idx = idx.sort().values  # in file order: a memory map reads forward
-            self._real_spread = spread(to_float(self.data.images[idx.to(self.data.images.device)]),
-                                       self.data.labels[idx.to(self.data.labels.device)] if num_classes else None)
+            real = spread(self.data.images[idx.to(self.data.images.device)],
+                          self.data.labels[idx.to(self.data.labels.device)] if num_classes else None)
+            self._real_spread = real if math.isfinite(real) and real > 0 else None
             self.evaluator = Evaluator(self.data, self.args.data_root, self.device, self.args.eval_samples,
                                        self.args.seed, self.args.eval_real, self.args.inception_weights)
             try:
@@ -1918,22 +1924,29 @@ class Run:
         self.log({"d_won": {"loss_d": w[-1][0] + self.d_loss_floor, "loss_g_from": w[0][1], "loss_g_to": w[-1][1]}})
 
     def _watch_alike(self, images):
-        """Say it, once, when the grid's samples all look alike (ALIKE, ALIKE_GRIDS grids in a row): one line on
+        """Say it, once, when the grid's samples have all looked alike (ALIKE) for ALIKE_STEPS steps: one line on
         stderr and an `alike` row in metrics.jsonl; training goes on. A conditional grid (10 noises per class) is
         judged within each class: a G that draws one image per class has collapsed too. Said again only after the
-        spread recovered. Rank 0."""
-        ratio = spread(images, self.fixed_y) / max(self._real_spread, 1e-8)
+        spread recovered to twice ALIKE. Rank 0."""
+        if self._real_spread is None:
+            return
+        ratio = spread(images, self.fixed_y) / self._real_spread
         if self._alike:
             self._alike = ratio < 2 * ALIKE
             return
-        self._alike_grids = self._alike_grids + 1 if ratio < ALIKE else 0
-        if self._alike_grids < ALIKE_GRIDS:
+        if ratio >= ALIKE:
+            self._alike_since = None
             return
-        self._alike, self._alike_grids = True, 0
+        if self._alike_since is None:
+            self._alike_since = self.step
+        if self.step - self._alike_since < ALIKE_STEPS:
+            return
+        self._alike, self._alike_since = True, None
         within = " within each class" if self.num_classes else ""
-        print(f"{self.script}.py: G's samples all look alike at step {self.step}: its last {ALIKE_GRIDS} sample grids "
-              f"varied{within} less than {ALIKE} times as much as real images do (now {ratio:.2g}: mode collapse). "
-              f"Training goes on; what usually helps: {self._remedies()}", file=sys.stderr, flush=True)
+        print(f"{self.script}.py: G's samples all look alike at step {self.step}: since step "
+              f"{self.step - ALIKE_STEPS} or before its sample grids varied{within} less than {ALIKE} times as much as "
+              f"real images do (now {ratio:.2g}: mode collapse). Training goes on; what usually helps: "
+              f"{self._remedies()}", file=sys.stderr, flush=True)
         self.log({"alike": {"spread": ratio}})
 
     def _remedies(self):

@@ -10,8 +10,8 @@ Each run is the recipe of the script's README row (its model flags), cut to a fi
 every seed gets the same training, then evaluated once (2,000 samples through the data set's classifier). A run
 counts as collapsed when its D has won (the run's own detector wrote a `d_won` line into metrics.jsonl, or D's
 loss over its last log lines averages below 0.05 for a classifier D) or when its samples all look alike (the
-run's own detector wrote an `alike` line, judged on its last grid, or the classifier puts over half of them in
-one class: the data's classes are balanced). One line per
+run's own detector wrote an `alike` line: it judges the grids at half and at all of the steps, when they are
+500 steps apart or more; or the classifier puts over half of them in one class: the data's classes are balanced). One line per
 run, then per script: seeds that trained / collapsed and the spread (min, median, max) of the final cls-FID.
 
 --make-digits writes a data set that is not Fashion-MNIST and not MNIST, in MNIST's file format (so the scripts
@@ -89,7 +89,7 @@ def make_digits(root, n_train=20000, n_test=4000, seed=0):
 def one_run(script, seed, dataset, data_root, out, extra, root=ROOT):
     flags, steps = RECIPES[script]
     cmd = [sys.executable, str(Path(root) / f"{script}.py"), "--dataset", dataset, *flags, "--max-steps", str(steps),
-           "--seed", str(seed), "--eval-every", "0", "--eval-samples", "2000", "--sample-every", str(steps // 2),
+           "--seed", str(seed), "--eval-every", "0", "--eval-samples", "2000", "--sample-every", str(max(1, steps // 2)),
            "--out", str(out), "--overwrite", *extra]
     if data_root:
         cmd += ["--data-root", str(data_root)]

@@ -19,11 +19,12 @@ TINY = ["--dataset", "fake", "--width", "8", "--batch-size", "32", "--eval-every
 
 
 def watcher(floor=0.0, **args):
-    """A Run with only what _watch_d reads: the log goes to a list."""
+    """A Run with only what _watch_d and _watch_alike read: the log goes to a list."""
     run = common.Run.__new__(common.Run)
     run.args = types.SimpleNamespace(**({"lr_d": 2e-4, "n_dis": 1, "spectral_norm": "none"} | args))
     run.script, run.rank, run.step = "cgan", 0, 0
     run.d_loss_floor, run._d_window, run._d_won = floor, [], False
+    run.fixed_y, run.num_classes, run._alike, run._alike_since = None, None, False, None
     run.rows = []
     run.log = lambda record, rate=False: run.rows.append({"step": run.step, **record})
     return run
@@ -78,12 +79,13 @@ def test_a_run_made_to_collapse_says_so_and_trains_on(tmp_path, data_root, capsy
     to --max-steps with exit 0. The same run with the recipe's learning rates is silent. Catches a detector that is
     not wired into the scripts, that stops the run, or that fires on a healthy run."""
     base = TINY + ["--data-root", data_root, "--max-steps", 300, "--sample-every", 100]
-    code, err = run_script(dcgan, base + ["--lr-g", "1e-9", "--lr-d", "2e-3", "--out", tmp_path / "won"], capsys)
+    code, err = run_script(dcgan, base + ["--lr-g", "1e-9", "--lr-d", "2e-3", "--max-steps", 700, "--out",
+                                          tmp_path / "won"], capsys)
     assert code == 0, err
-    assert err.count("D has won at step") == 1 and err.count("samples all look alike at step 200:") == 1, err
+    assert err.count("D has won at step") == 1 and err.count("samples all look alike at step 600:") == 1, err
     rows = common.read_metrics(tmp_path / "won" / "metrics.jsonl")
-    assert len([r for r in rows if "d_won" in r]) == 1 and max(r["step"] for r in rows) == 300
-    assert [r["step"] for r in rows if "alike" in r] == [200]
+    assert len([r for r in rows if "d_won" in r]) == 1 and max(r["step"] for r in rows) == 700
+    assert [r["step"] for r in rows if "alike" in r] == [600]  # low from the first grid (100) for ALIKE_STEPS
     code, err = run_script(dcgan, base + ["--out", tmp_path / "ok"], capsys)
     assert code == 0 and "D has won" not in err and "alike" not in err, err
     assert not [r for r in common.read_metrics(tmp_path / "ok" / "metrics.jsonl") if "d_won" in r or "alike" in r]
@@ -110,24 +112,62 @@ def test_spread_sees_layout_not_pixel_noise():
     assert common.spread(shapes, labels) > 0
 
 
-def test_alike_is_said_once_and_again_only_after_recovery(capsys):
-    """The grid's spread against the real images': below ALIKE at two grids in a row, one line and one `alike` row;
-    silent while it stays low; said again only after it recovered to twice ALIKE. Catches a warning at the first
-    low grid (an untrained G's), at every grid, and one that never re-arms."""
+def shapes(n=16, size=8):
+    """n images, each a bright 2x2 square at its own place: varied layout."""
+    x = -torch.ones(n, 1, size, size)
+    for i in range(n):
+        x[i, :, i // 4 * 2:i // 4 * 2 + 2, i % 4 * 2:i % 4 * 2 + 2] = 1
+    return x
+
+
+def test_alike_is_said_once_after_low_grids_for_500_steps_and_again_only_after_recovery(capsys):
+    """Grids whose spread, against the real images', stays below ALIKE for ALIKE_STEPS steps: one line and one
+    `alike` row; silent while it stays low and while it has only partly recovered (below twice ALIKE); said again
+    once it recovered and fell. Catches a warning at the first low grids (an untrained G's), at every grid, a
+    detector that never re-arms and one that re-arms on any small rise."""
     run = watcher()
-    run.fixed_y, run.num_classes, run._alike, run._alike_grids = None, None, False, 0
-    shapes = torch.zeros(16, 1, 8, 8)
-    for i in range(16):
-        shapes[i, :, i // 4 * 2:i // 4 * 2 + 2, i % 4 * 2:i % 4 * 2 + 2] = 1
-    run._real_spread = common.spread(shapes)
-    same = shapes[:1].repeat(16, 1, 1, 1)
-    grids = [shapes, same, shapes, same, same, same, shapes, same, same]
-    for step, images in enumerate(grids, 1):
-        run.step = 500 * step
-        run._watch_alike(images)
-    assert [r["step"] for r in run.rows] == [2500, 4500]
+    run._real_spread = common.spread(shapes())
+    ratios = [1, 0.1, 0.1, 0.1, 0.1, 1, 0.1, 0.1, 0.1, 0.3, 0.1, 0.1, 0.5, 0.1, 0.1, 0.1]
+    for i, r in enumerate(ratios, 1):  # a grid every 250 steps; spread scales with the images' contrast
+        run.step = 250 * i
+        run._watch_alike(shapes() * r)
+    # low from 500: said at 1000; recovered at 1500; low from 1750: said at 2250; 0.3 at 2500 does not re-arm,
+    # 0.5 at 3250 does; low from 3500: said at 4000
+    assert [r["step"] for r in run.rows] == [1000, 2250, 4000]
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "samples all look alike at step 2500" in err[0] and "--seed" in err[0], err
+    assert len(err) == 3 and "samples all look alike at step 1000: since step 500" in err[0] and "--seed" in err[0], err
+
+
+def test_alike_judges_a_conditional_grid_within_each_class(capsys):
+    """A conditional grid (10 noises per class, in class order) that draws one image per class varies across the
+    grid as much as real images do, yet not at all within a class: said. The same grid with variety inside each
+    class: silent. Catches fixed_y not reaching the measure, and a yardstick taken across classes."""
+    run = watcher()
+    run.num_classes = 4
+    run.fixed_y = torch.arange(4).repeat_interleave(10)
+    real = torch.cat([shapes(), shapes()])  # 8 real images per class, 4 layouts each
+    run._real_spread = common.spread(real, torch.arange(32) % 4)
+    one_each = shapes(16)[[0, 5, 10, 15]].repeat_interleave(10, 0)
+    varied = torch.cat([shapes(16)[torch.arange(10) + k] for k in range(4)])
+    for step in (500, 1000, 1500):
+        run.step = step
+        run._watch_alike(varied)
+    assert run.rows == []
+    for step in (2000, 2500):
+        run.step = step
+        run._watch_alike(one_each)
+    assert [r["step"] for r in run.rows] == [2500] and "within each class" in capsys.readouterr().err
+
+
+def test_alike_is_off_without_two_real_images_in_a_class():
+    """A yardstick needs 2 real images in some class: with none, spread is NaN and Run turns the check off rather
+    than compare within-class samples with a between-class spread or with NaN."""
+    assert common.math.isnan(common.spread(shapes(4), torch.arange(4)))
+    run = watcher()
+    run._real_spread = None
+    run.step = 1000
+    run._watch_alike(shapes()[:1].repeat(16, 1, 1, 1))
+    assert run.rows == []
 
 
 @pytest.mark.parametrize("make", [
@@ -155,13 +195,13 @@ def test_every_d_conv_has_a_bias_unless_a_batchnorm_follows(make, bn):
 def test_the_cgan_projection_recipe_trains_on_several_seeds(tmp_path, data_root, capsys):
     """The README's cgan CPU recipe (projection D, width 32, batch 64) on the fake data, 4 seeds x 800 steps: D must
     not win on any (no `d_won` row, D's loss over the last log lines above 0.05) and the samples must not all look
-    alike (no `alike` row at the grids of steps 400 and 800) nor fall in one class. Catches a network change that
+    alike (no `alike` row: grids every 250 steps) nor fall in one class. Catches a network change that
     lets D win at some seed, as dropping D's first and last biases did on MNIST at seed 0."""
     for seed in range(4):
         out = tmp_path / f"s{seed}"
         code, err = run_script(cgan, ["--dataset", "fake", "--d-cond", "projection", "--width", "32", "--batch-size",
                                       "64", "--max-steps", 800, "--eval-every", "0", "--eval-samples", "500",
-                                      "--sample-every", "400", "--seed", seed, "--data-root", data_root, "--out", out],
+                                      "--sample-every", "250", "--seed", seed, "--data-root", data_root, "--out", out],
                                capsys)
         assert code == 0, err
         rows = common.read_metrics(out / "metrics.jsonl")
