@@ -1941,10 +1941,10 @@ class Run:
             self._alike_since = self.step
         if self.step - self._alike_since < ALIKE_STEPS:
             return
-        self._alike, self._alike_since = True, None
+        since, self._alike, self._alike_since = self._alike_since, True, None
         within = " within each class" if self.num_classes else ""
-        print(f"{self.script}.py: G's samples all look alike at step {self.step}: since step "
-              f"{self.step - ALIKE_STEPS} or before its sample grids varied{within} less than {ALIKE} times as much as "
+        print(f"{self.script}.py: G's samples all look alike at step {self.step}: since step {since} its sample "
+              f"grids have varied{within} less than {ALIKE} times as much as "
               f"real images do (now {ratio:.2g}: mode collapse). Training goes on; what usually helps: "
               f"{self._remedies()}", file=sys.stderr, flush=True)
         self.log({"alike": {"spread": ratio}})
