@@ -1414,7 +1414,7 @@ def set_rng_state(state, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# A run, part 1: checkpoints (written atomically) and the run directory
 # ----------------------------------------------------------------------------------------------
 
 def save_checkpoint(path, state):
@@ -1429,6 +1429,16 @@ def save_checkpoint(path, state):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:  # a full disk, a quota, a second Ctrl-C: the old file stays, the torn temp file goes
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path, text):
+    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
@@ -1453,12 +1463,308 @@ def load_checkpoint(path, script):
     return state
 
 
+def load_states(objects, state, path, script):
+    """Load what a checkpoint holds into `objects` (networks, optimisers, schedulers, EMA: by name)."""
+    for name, obj in objects.items():
+        if isinstance(obj, torch.optim.Optimizer):
+            load_optimizer(obj, state[name])
+            continue
+        missing = set(obj.state_dict()) - set(state[name])
+        if missing:  # e.g. D's first and last biases, which older versions of the DCGAN-family D's lacked
+            raise UsageError(f"{path}: its {name} lacks {', '.join(sorted(missing)[:3])}: it was written by an "
+                             f"older version of {script}.py's networks; resume it with the version that wrote it")
+        obj.load_state_dict(state[name])
+
+
+def load_optimizer(opt, state):
+    """Load an optimiser's state saved on any device: keep this device's `fused` choice (a CUDA run's fused Adam
+    cannot step on a CPU or a Mac), put Adam's step counter where this device's choice wants it (torch places it
+    by the SAVED flags: a CPU checkpoint's CPU counter would stop CUDA's fused Adam, a CUDA checkpoint's device
+    counter would cost an MPS sync per parameter per step), and give each state tensor its parameter's layout."""
+    fused = [g.get("fused") for g in opt.param_groups]
+    opt.load_state_dict(state)
+    for group, f in zip(opt.param_groups, fused):
+        if "fused" in group:
+            group["fused"] = f
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if k == "step" and torch.is_tensor(v):
+                    on_device = group.get("fused") or group.get("capturable")
+                    opt.state[p][k] = v.to(dtype=torch.float32, device=p.device if on_device else "cpu")
+                elif torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "progress.gif", "generated.npz")
+RUN_PICTURES = ("losses.png", "interpolation.png", "class_histogram.png", "predictions.png",
+                "attention.png")  # and more per script
+
+
+def out_dir_problem(out, args, state):
+    """What is wrong with --out (or --inception-weights) for this run, in words, or None."""
+    if args.inception_weights and not Path(args.inception_weights).is_file():
+        return f"--inception-weights {args.inception_weights} does not exist"
+    existed = out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create --out {out} ({e.strerror or type(e).__name__})"
+    if not os.access(out, os.W_OK):
+        return f"cannot write into --out {out}"
+    used = any((out / f).exists() for f in RUN_FILES[:3])
+    resuming_here = state is not None and out.resolve() == Path(args.resume).resolve().parent
+    if not existed:  # made again by prepare_out_dir: a run that fails before (bad data, size) leaves no empty folder
+        out.rmdir()
+    if used and not resuming_here and not args.overwrite:
+        return (f"--out {out} already holds a run: choose another --out, continue it with "
+                f"--resume {out / 'checkpoint.pt'}, or replace it with --overwrite")
+    return None
+
+
+def prepare_out_dir(out, args, state, step, resolved):
+    """A fresh run's --out (with --overwrite: only the files a run writes are removed, never the folder), or a
+    resumed run's: the log up to the checkpoint's step (taken along when resumed elsewhere), no later grids.
+    Writes args.json with `resolved` (device, precision, ...). Returns the path of metrics.jsonl."""
+    if state is None:
+        if args.overwrite:
+            for p in [out / f for f in RUN_FILES + RUN_PICTURES] + [*out.glob("samples/step_*.png")]:
+                p.unlink(missing_ok=True)
+        rows = []
+    else:
+        old = Path(args.resume).parent / "metrics.jsonl"
+        rows = [r for r in read_metrics(old, warn=True) if r["step"] <= step] if old.exists() else []
+        for p in out.glob("samples/step_*.png"):
+            if int(p.stem[5:]) > step:
+                p.unlink()
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(out / "args.json", json.dumps({**flags(args), "resolved": resolved}, indent=2) + "\n")
+    return out / "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------------------------
+# A run, part 2: signals that stop it
+# ----------------------------------------------------------------------------------------------
+
+# Ctrl-C, and the signals schedulers send before they end a job (SLURM, Kubernetes and torchrun: SIGTERM; SLURM's
+# --signal=USR1@120 warning). SIGUSR1 is not on Windows.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+class StopSignals:
+    """While installed, a stop signal only sets `caught` (its number): the loop finishes its step, the run saves its
+    checkpoint and exits with 128 + the number (130, 143, 138), the shell's code for "ended by that signal"."""
+
+    def __init__(self):
+        self.caught, self._old = 0, {}
+
+    def install(self):
+        try:
+            for sig in STOP_SIGNALS:
+                self._old[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:  # not the main thread: leave the signals alone
+            self.restore()
+
+    def _on_signal(self, signum, frame):
+        self.caught = self.caught or signum
+        # A second Ctrl-C ends the process as it would without us (KeyboardInterrupt): the user typed it twice.
+        # SIGTERM and SIGUSR1 may arrive twice by design (SLURM signals every process of a job step and torchrun
+        # forwards the same signal again): a repeat is ignored; a scheduler follows its grace time with SIGKILL.
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.default_int_handler)
+
+    def restore(self):
+        for sig, handler in self._old.items():  # also after an error: a notebook's next Ctrl-C must work
+            signal.signal(sig, handler)
+        self._old = {}
+
+    @property
+    def name(self):
+        return signal.Signals(self.caught).name
+
+
+# ----------------------------------------------------------------------------------------------
+# A run, part 3: torchrun's processes (one device each), their shares and their agreement
+# ----------------------------------------------------------------------------------------------
+
+class Processes:
+    """The processes that train one model (one, for a plain `python` run). Each has its device, takes its share of
+    every batch (`--batch-size` is the whole batch) and of every noise draw (`share`: the whole draw is made in
+    every process, each keeps its rows, so the run is the same for any number of processes); they agree on
+    stopping at log steps (`agree`); rank 0 alone writes, samples and evaluates, with the plain networks."""
+
+    def __init__(self, args):
+        self.rank, self.world, local_rank = distributed_env()
+        self.device = pick_device(args.device, local_rank)
+        if self.world > 1:
+            init_distributed(self.device, args.dist_timeout_minutes)
+            if args.batch_size % self.world:
+                raise UsageError(f"--batch-size {args.batch_size} (the whole batch) does not split evenly over "
+                                 f"{self.world} processes")
+        # SyncBatchNorm needs CUDA (PyTorch has none for CPU processes)
+        self.sync_bn = self.world > 1 and self.device.type == "cuda" and not args.no_sync_bn
+
+    def distribute(self, net):
+        """`net` wrapped in DistributedDataParallel under torchrun (its gradients averaged over the processes in
+        backward), `net` itself in a single process. No buffer sync per forward, so that rank 0 may sample alone
+        without a collective: spectral norm's u stays equal in every process (the same power iteration on the
+        same weights), SyncBatchNorm's statistics too; per-process BatchNorm statistics (CPU processes,
+        --no-sync-bn) differ, and rank 0's are the ones saved and sampled with."""
+        if self.world == 1:
+            return net
+        if self.sync_bn:  # in place: `net`'s BatchNorms become SyncBatchNorms, with the same parameters
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})  # the older name
+        return DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None, **no_sync)
+
+    def per_process(self, n, what="--batch-size"):
+        """This process's share of a batch of n (n itself in a single process)."""
+        if n % self.world:
+            raise UsageError(f"{what} {n} does not split evenly over {self.world} processes")
+        return n // self.world
+
+    def share(self, x):
+        """This process's rows of a draw for the whole batch."""
+        k = self.per_process(x.shape[0], "a batch of")
+        return x[self.rank * k:(self.rank + 1) * k]
+
+    def agree(self, *values):
+        """The largest of each value over the processes (a collective: every process calls it at the same step)."""
+        if self.world == 1:
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], device=self.device)
+        dist.all_reduce(t, dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def from_rank0(self, obj):
+        """Rank 0's `obj` in every process."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# A run, part 4: watchers. NaN stops the run; D's win and look-alike samples are said once
+# ----------------------------------------------------------------------------------------------
+
 def check_finite(step, stats):
     """Raise Diverged if any loss is NaN/inf (called at log steps, where we sync anyway)."""
     bad = [k for k, v in stats.items() if k.startswith("loss") and not math.isfinite(v)]
     if bad:
         raise Diverged(f"{', '.join(bad)} became non-finite at step {step}")
 
+
+def check_weights(objects, step, procs=None):
+    """Diverged if a model's weights or statistics are non-finite. With `procs`, every process takes the verdict of
+    all (weights are equal in every process, BatchNorm statistics need not be)."""
+    tensors = {n: [*obj.parameters(), *obj.buffers()] for n, obj in objects.items() if isinstance(obj, nn.Module)}
+    tensors = {n: ts for n, ts in tensors.items() if ts}
+    if not tensors:
+        return
+    bad = [torch.stack([~torch.isfinite(t).all() for t in ts]).any() for ts in tensors.values()]
+    bad = torch.stack(bad).float().tolist()  # one sync
+    if procs is not None:
+        bad = procs.agree(*bad)
+    for name, b in zip(tensors, bad):
+        if b:
+            raise Diverged(f"{name}'s weights or statistics became non-finite by step {step}")
+
+
+# D has won when its loss stays this close to its floor (0 for cross-entropy and hinge) for this many log lines
+# in a row while G's loss climbs: D then separates real from fake with certainty, G's gradient vanishes
+# (cross-entropy) or points nowhere useful, and the samples stop improving. A healthy D's loss sits near
+# 2 log 2 = 1.39 (cross-entropy at equilibrium) and rarely below 0.3; a collapsed cgan run had 1e-3 by step 1000.
+D_WON_LOSS, D_WON_LINES = 0.01, 5
+# G's samples all look alike (mode collapse) when the sample grid's spread (`spread`: how much its images differ
+# in their coarse layout; within each class for a conditional G) stays below this fraction of the real images'
+# at every grid for ALIKE_STEPS steps: an untrained G's samples look alike too, for a hundred steps or two. Judged
+# whatever the losses say: a G can collapse while D's loss looks healthy. Measurements behind 0.2: docs/seeds.md.
+ALIKE, ALIKE_STEPS = 0.2, 500
+
+
+def real_spread(data, seed, conditional):
+    """The yardstick of look-alike samples: the spread of 1024 real images (within each class for a conditional
+    G), or None when no class has 2 of them (the check is then off)."""
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:1024]
+    idx = idx.sort().values  # in file order: a memory map reads forward
+    real = spread(data.images[idx.to(data.images.device)], data.labels[idx.to(data.labels.device)] if conditional
+                  else None)
+    return real if math.isfinite(real) and real > 0 else None
+
+
+class Watchers:
+    """Says, once, what a user would want to know while training goes on: D has won (`losses`, at log steps, in
+    every process: they see the same averaged statistics) and G's samples all look alike (`grid`, at each sample
+    grid, rank 0). Each is one line on stderr with the script's remedies and a row in metrics.jsonl (`log`), and
+    is said again only after it recovered. Training goes on: the user decides."""
+
+    def __init__(self, script, args, log, d_loss_floor=None, real_spread=None, fixed_y=None, rank=0):
+        self.script, self.args, self.log, self.rank = script, args, log, rank
+        self.d_loss_floor, self.real_spread, self.fixed_y = d_loss_floor, real_spread, fixed_y
+        self.step, self._d_window, self._d_won, self._alike, self._alike_since = 0, [], False, False, None
+
+    def losses(self, step, stats):
+        """D has won (D_WON_LOSS); off for a critic's loss, which has no floor (d_loss_floor None)."""
+        self.step = step
+        if self.d_loss_floor is None or "loss_d" not in stats or "loss_g" not in stats:
+            return
+        w = self._d_window
+        w.append((stats["loss_d"] - self.d_loss_floor, stats["loss_g"]))
+        del w[:-D_WON_LINES]
+        if self._d_won:
+            self._d_won = min(d for d, _ in w) < 10 * D_WON_LOSS  # re-armed once D's loss is well off its floor
+            return
+        if len(w) < D_WON_LINES or max(d for d, _ in w) >= D_WON_LOSS or w[-1][1] <= w[0][1]:
+            return
+        self._d_won = True
+        if self.rank == 0:
+            print(f"{self.script}.py: D has won at step {step}: its loss has stayed below {D_WON_LOSS} for "
+                  f"{D_WON_LINES} log lines while G's rose from {w[0][1]:.3g} to {w[-1][1]:.3g}, so G learns little "
+                  f"more. Training goes on; what usually helps: {self.remedies()}", file=sys.stderr, flush=True)
+        self.log({"d_won": {"loss_d": w[-1][0] + self.d_loss_floor, "loss_g_from": w[0][1], "loss_g_to": w[-1][1]}})
+
+    def grid(self, step, images):
+        """The grid's samples have all looked alike (ALIKE) for ALIKE_STEPS steps. A conditional grid (10 noises per
+        class) is judged within each class: a G that draws one image per class has collapsed too. Re-armed when
+        the spread is back above twice ALIKE."""
+        self.step = step
+        if self.real_spread is None:
+            return
+        ratio = spread(images, self.fixed_y) / self.real_spread
+        if self._alike:
+            self._alike = ratio < 2 * ALIKE
+            return
+        if ratio >= ALIKE:
+            self._alike_since = None
+            return
+        if self._alike_since is None:
+            self._alike_since = step
+        if step - self._alike_since < ALIKE_STEPS:
+            return
+        since, self._alike, self._alike_since = self._alike_since, True, None
+        within = " within each class" if self.fixed_y is not None else ""
+        print(f"{self.script}.py: G's samples all look alike at step {step}: since step {since} its sample "
+              f"grids have varied{within} less than {ALIKE} times as much as real images do (now {ratio:.2g}: mode "
+              f"collapse). Training goes on; what usually helps: {self.remedies()}", file=sys.stderr, flush=True)
+        self.log({"alike": {"spread": ratio}})
+
+    def remedies(self):
+        a = self.args
+        tries = [f"a lower --lr-d (now {a.lr_d:g})" if "lr_d" in vars(a) else "",
+                 f"fewer D steps (--n-dis, now {a.n_dis})" if getattr(a, "n_dis", 1) > 1 else "",
+                 {"none": "spectral norm on D (--spectral-norm d)", "g": "spectral norm on D as well (--spectral-norm "
+                  "both)"}.get(getattr(a, "spectral_norm", None), ""),
+                 "another --seed"]
+        return ", ".join(t for t in tries if t)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run, part 5: statistics, metrics.jsonl and the progress line
+# ----------------------------------------------------------------------------------------------
 
 class Meter:
     """Sums per-step statistics on the device; `.read()` syncs once and returns each one's mean.
@@ -1490,88 +1796,94 @@ class Meter:
         return dict(zip(keys, values.tolist()))
 
 
-# Signals that end a run as Ctrl-C does (Run.__enter__); SIGUSR1 is not on Windows.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
-# D has won when its loss stays this close to its floor (0 for cross-entropy and hinge) for this many log lines
-# in a row while G's loss climbs: D then separates real from fake with certainty, G's gradient vanishes
-# (cross-entropy) or points nowhere useful, and the samples stop improving. A healthy D's loss sits near
-# 2 log 2 = 1.39 (cross-entropy at equilibrium) and rarely below 0.3; the issue's collapse had 1e-3 by step 1000.
-D_WON_LOSS, D_WON_LINES = 0.01, 5
-# G's samples all look alike (mode collapse) when the sample grid's spread (`spread`: how much its images differ
-# in their coarse layout; within each class for a conditional G) stays below this fraction of the real images'
-# at every grid for ALIKE_STEPS steps (2 grids at the default --sample-every): an untrained G's samples look alike
-# too, for a hundred steps or two. Judged whatever the losses say: a G can collapse while D's loss looks healthy.
-# The measurements behind 0.2 are in the README ("When G's samples all look alike").
-ALIKE, ALIKE_STEPS = 0.2, 500
-RUN_FILES = ("args.json", "metrics.jsonl", "checkpoint.pt", "progress.gif", "generated.npz")
-RUN_PICTURES = ("losses.png", "interpolation.png", "class_histogram.png", "predictions.png",
-                "attention.png")  # and more per script
+class MetricsLog:
+    """Rows of metrics.jsonl (step, epoch, the record, elapsed time) and a progress line on stdout. A row of
+    training statistics also gets the real images/s since the last such row, not counting the time spent saving
+    and evaluating (`pause`)."""
+
+    def __init__(self, path, script, batches, total, max_seconds, step, rank):
+        self.path, self.script, self.batches, self.total, self.max_seconds = path, script, batches, total, max_seconds
+        self.tty = sys.stdout.isatty() and rank == 0
+        self._last_print = 0.0
+        self.restart(step)
+
+    def restart(self, step):
+        """The clock starts (again) now, at `step`."""
+        self.t0 = self._t_rate = time.time()
+        self.paused = self._paused_rate = 0.0
+        self.first_step, self._step_rate, self._pos_rate = step, step, self.batches.position
+
+    def elapsed(self):
+        return time.time() - self.t0
+
+    @contextlib.contextmanager
+    def pause(self):
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.paused += time.time() - t
+
+    def write(self, step, record, rate=False):
+        now = time.time()
+        record = {"step": step, "epoch": self.batches.epoch, **record}
+        if rate and step > self._step_rate:
+            images = (self.batches.position - self._pos_rate) * self.batches.batch_size
+            work = (now - self._t_rate) - (self.paused - self._paused_rate)
+            record["images_per_s"] = round(images / max(work, 1e-9), 1)
+            self._t_rate, self._step_rate, self._pos_rate = now, step, self.batches.position
+            self._paused_rate = self.paused
+        record["elapsed_s"] = round(self.elapsed(), 1)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._progress(step, record)
+
+    def _progress(self, step, record):
+        left = (self.total - step) * (self.elapsed() / max(step - self.first_step, 1))
+        if self.max_seconds is not None:
+            left = min(left, self.max_seconds - self.elapsed())
+        losses = " ".join(f"{k}={v:.3g}" for k, v in record.items()
+                          if isinstance(v, float) and k.startswith(("loss", "w_", "cls_fid", "fid")))
+        line = (f"{self.script} step {step}/{self.total if self.total < 10**12 else '?'} ep {self.batches.epoch} "
+                f"{losses} {record.get('images_per_s', 0):.0f} img/s ETA {left / 60:.1f} min")
+        if self.tty:
+            print("\r" + line[:150].ljust(150), end="", flush=True)
+        elif time.time() - self._last_print > 30:  # logs and CI: a line every 30 s at most
+            print(line, flush=True)
+            self._last_print = time.time()
 
 
-def load_optimizer(opt, state):
-    """Load an optimiser's state saved on any device: keep this device's `fused` choice (a CUDA run's fused Adam
-    cannot step on a CPU or a Mac), put Adam's step counter where this device's choice wants it (torch places it
-    by the SAVED flags: a CPU checkpoint's CPU counter would stop CUDA's fused Adam, a CUDA checkpoint's device
-    counter would cost an MPS sync per parameter per step), and give each state tensor its parameter's layout."""
-    fused = [g.get("fused") for g in opt.param_groups]
-    opt.load_state_dict(state)
-    for group, f in zip(opt.param_groups, fused):
-        if "fused" in group:
-            group["fused"] = f
-        for p in group["params"]:
-            for k, v in opt.state.get(p, {}).items():
-                if k == "step" and torch.is_tensor(v):
-                    on_device = group.get("fused") or group.get("capturable")
-                    opt.state[p][k] = v.to(dtype=torch.float32, device=p.device if on_device else "cpu")
-                elif torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
-                    opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
-
+# ----------------------------------------------------------------------------------------------
+# A run, part 6: Run, which the scripts use; its finish; --generate
+# ----------------------------------------------------------------------------------------------
 
 class Run:
-    """One training run: settings, device, precision, directory, schedule, clock, and the finish.
-
-    Every script uses it in the same few moves, so that its own file shows only its model:
+    """One training run. Every script makes the same few moves, so that its own file shows only its model:
 
         run = common.Run(args, SCRIPT)       # --resume, device, precision, --out checked; seeds torch
-        ...                                  # data, networks, optimisers (the script's story)
         batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # what checkpoint.pt holds
         step = run.start(total, sample, panels, latent_dim)   # evaluator, fixed grid noise, args.json
-        with run:                            # Ctrl-C ends the loop after its step; NaN stops the run (exit 1)
+        with run:                            # a signal ends the loop after its step; NaN stops the run (exit 1)
             while not run.should_stop(step):
                 ...                          # D and G steps (the script's story)
                 step += 1
                 run.end_step(step, loss_d=loss_d, ...)  # log, sample + checkpoint, evaluate: as scheduled
         return run.finish()                  # final evaluation, plots, interpolation, predictions, summary
 
-    `sample(z, y)` returns G's images for noise z (and labels y, for conditional models) with G
-    in eval mode; Run draws the noise for grids, evaluation and figures. A fresh run refuses an
-    --out that already holds a run unless --overwrite; a resumed run drops the log rows and
-    sample grids written after its checkpoint, so no step appears twice.
-
-    Under torchrun (several processes, one device each) the same script trains one model: `distribute`
-    wraps the networks in DDP, each process takes its share of every batch (`--batch-size` is the whole
-    batch) and of every noise draw (`randn`, `rand`, `randint`: the whole draw is made in every process,
-    each keeps its slice, so the run is the same for any number of processes), the processes agree on
-    stopping at log steps, and rank 0 alone writes, samples and evaluates, with the plain networks.
-    """
+    `sample(z, y)` returns G's images for noise z (and labels y) with G in eval mode. Its parts: the checkpoint
+    and --out functions (part 1), StopSignals, Processes (torchrun: `distribute`, `randn`, `rand`, `randint`
+    and `per_process` are theirs), Watchers and MetricsLog."""
 
     def __init__(self, args, script):
         args, self.state = resume(args, script)
-        self.rank, self.world, local_rank = distributed_env()
-        self.device = pick_device(args.device, local_rank)
-        if self.world > 1:
-            init_distributed(self.device, args.dist_timeout_minutes)
-            if args.batch_size % self.world:
-                raise UsageError(f"--batch-size {args.batch_size} (the whole batch) does not split evenly over "
-                                 f"{self.world} processes")
-        # SyncBatchNorm needs CUDA (PyTorch has none for CPU processes)
-        self.sync_bn = self.world > 1 and self.device.type == "cuda" and not args.no_sync_bn
+        self.procs = Processes(args)
+        self.rank, self.world, self.device = self.procs.rank, self.procs.world, self.procs.device
         self.amp_dtype, self.precision = precision(self.device, not args.no_amp)
         if self.device.type == "cuda":  # cuDNN convolutions default to TF32 on Ampere: --no-amp means float32
             torch.backends.cudnn.allow_tf32 = not args.no_amp
         self.fused = self.device.type == "cuda"  # fused Adam: one kernel per step for all parameters
         # channels_last (NHWC) for conv networks and batches: 1.1-2x more images/s on this project's CPU
-        # (README, Speed) and the layout tensor cores want on CUDA; MPS keeps the default layout.
+        # (docs/results.md, Speed) and the layout tensor cores want on CUDA; MPS keeps the default layout.
         self.memory_format = torch.channels_last if self.device.type in ("cpu", "cuda") else torch.contiguous_format
         args.image_size = args.image_size or NATIVE_SIZE[args.dataset]
         if args.out is None:
@@ -1579,37 +1891,11 @@ class Run:
         self.args, self.script, self.dir = args, script, Path(args.out)
         self.step = self.state["step"] if self.state else 0
         self.saved_step = self.step if self.state else None  # the checkpoint on disk
-        self.metrics, self._eval_step, self.meter = {}, None, Meter()
-        self.stop_signal, self._old_handlers, self._last_print = 0, {}, 0.0
-        self.tty = sys.stdout.isatty() and self.rank == 0
-        error = self._check_dir() if self.rank == 0 else None
-        if self.world > 1:  # every process stops on rank 0's --out error, not only rank 0
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error:
+        self.metrics, self._eval_step, self.meter, self.signals = {}, None, Meter(), StopSignals()
+        error = self.procs.from_rank0(out_dir_problem(self.dir, args, self.state) if self.rank == 0 else None)
+        if error:  # in every process, not only rank 0
             raise UsageError(error)
         seed_everything(args.seed)  # the same in every process: the same initial networks
-
-    def _check_dir(self):
-        """The --out (or --inception-weights) problem in words, or None. Rank 0's files decide."""
-        if self.args.inception_weights and not Path(self.args.inception_weights).is_file():
-            return f"--inception-weights {self.args.inception_weights} does not exist"
-        existed = self.dir.exists()
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            return f"cannot create --out {self.dir} ({e.strerror or type(e).__name__})"
-        if not os.access(self.dir, os.W_OK):
-            return f"cannot write into --out {self.dir}"
-        used = any((self.dir / f).exists() for f in RUN_FILES[:3])
-        resuming_here = self.state is not None and self.dir.resolve() == Path(self.args.resume).resolve().parent
-        if not existed:  # made again by start(): a run that fails before (bad data, size) leaves no empty folder
-            self.dir.rmdir()
-        if used and not resuming_here and not self.args.overwrite:
-            return (f"--out {self.dir} already holds a run: choose another --out, continue it with "
-                    f"--resume {self.dir / 'checkpoint.pt'}, or replace it with --overwrite")
-        return None
 
     def restore(self, data, **objects):
         """Remember what checkpoint.pt holds (models, optimisers, schedulers: anything with a state_dict);
@@ -1622,74 +1908,40 @@ class Run:
                              f"which train on at least 2 images per process (--batch-size {2 * self.world} or more)")
         position = 0
         if self.state is not None:
-            for name, obj in objects.items():
-                if isinstance(obj, torch.optim.Optimizer):
-                    load_optimizer(obj, self.state[name])
-                else:
-                    missing = set(obj.state_dict()) - set(self.state[name])
-                    if missing:  # e.g. D's first and last biases, restored after this checkpoint was written
-                        raise UsageError(f"{self.args.resume}: its {name} lacks {', '.join(sorted(missing)[:3])}: it was "
-                                         f"written by an older version of {self.script}.py's networks (issue 21 "
-                                         f"restored D's biases); resume it with the version that wrote it")
-                    obj.load_state_dict(self.state[name])
+            load_states(objects, self.state, self.args.resume, self.script)
             set_rng_state(self.state["rng"], self.device)  # last: building the networks drew from the RNG
             position = self.state["position"]
         self.batches = Batches(data, self.args.batch_size, self.args.seed, position, self.device, self.memory_format,
                                self.rank, self.world)
         return self.batches
 
-    def distribute(self, net):
-        """`net` wrapped in DistributedDataParallel under torchrun (its gradients averaged over the processes in
-        backward), `net` itself in a single process. Call after `restore`; keep using `net` itself wherever no
-        gradient of its weights is wanted (the G step's pass through D, sampling). No buffer sync per forward, so
-        that rank 0 may sample alone without a collective: spectral norm's u stays equal in every process (the
-        same power iteration on the same weights), SyncBatchNorm's statistics too; per-process BatchNorm
-        statistics (CPU processes, --no-sync-bn) differ, and rank 0's are the ones saved and sampled with."""
-        if self.world == 1:
-            return net
-        if self.sync_bn:  # in place: `net`'s BatchNorms become SyncBatchNorms, with the same parameters
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
-                   else {"broadcast_buffers": False})  # the older name
-        return DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None, **no_sync)
+    def distribute(self, net):  # see Processes.distribute
+        return self.procs.distribute(net)
 
     def per_process(self, n, what="--batch-size"):
-        """This process's share of a batch of n (n itself in a single process)."""
-        if n % self.world:
-            raise UsageError(f"{what} {n} does not split evenly over {self.world} processes")
-        return n // self.world
+        return self.procs.per_process(n, what)
 
-    def _share(self, x):
-        k = self.per_process(x.shape[0], "a batch of")
-        return x[self.rank * k:(self.rank + 1) * k]
+    def randn(self, n, *shape):  # normal noise for a batch of n: this process's rows of one draw made alike in all
+        return self.procs.share(torch.randn(n, *shape, device=self.device))
 
-    def randn(self, n, *shape):
-        """Normal noise for a batch of n (the whole batch): this process's rows of one draw that every process
-        makes alike, so N processes see together exactly the noise one process would."""
-        return self._share(torch.randn(n, *shape, device=self.device))
+    def rand(self, n, *shape):  # uniform [0, 1) draws for a batch of n, shared out as `randn`
+        return self.procs.share(torch.rand(n, *shape, device=self.device))
 
-    def rand(self, n, *shape):
-        """Uniform [0, 1) draws for a batch of n, shared out as `randn`."""
-        return self._share(torch.rand(n, *shape, device=self.device))
-
-    def randint(self, high, n):
-        """Labels in [0, high) for a batch of n, shared out as `randn`."""
-        return self._share(torch.randint(0, high, (n,), device=self.device))
+    def randint(self, high, n):  # labels in [0, high) for a batch of n, shared out as `randn`
+        return self.procs.share(torch.randint(0, high, (n,), device=self.device))
 
     def autocast(self):
         """bf16 autocast where `precision` chose it, else a no-op."""
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return contextlib.nullcontext() if self.amp_dtype is None else torch.autocast(self.device.type, self.amp_dtype)
+
+    def noise(self, n, generator=None):
+        return torch.randn(n, self.latent_dim, device=self.device, generator=generator)
 
     def start(self, total, sample, panels, latent_dim, num_classes=None, d_loss_floor=None):
         """Set the schedule's length and what it draws with; build the evaluator; write args.json. Returns the step.
         `d_loss_floor`: the least value D's loss can take (0 for cross-entropy and hinge losses), to say when D
         has won; None for a critic's loss, which has no floor (Wasserstein)."""
         self.total, self.sample, self.panels, self.num_classes = total, sample, panels, num_classes
-        self.d_loss_floor, self._d_window, self._d_won = d_loss_floor, [], False
-        self._alike, self._alike_since = False, None
         self.latent_dim = latent_dim
         # The sample grid's noise comes from its own generator: drawing it shifts no training stream.
         g = torch.Generator(self.device).manual_seed(self.args.seed + 4)
@@ -1700,52 +1952,28 @@ class Run:
             self.fixed_z, self.fixed_y = self.noise(64, g), None
         if self.state is not None:
             self.fixed_z = self.state["fixed_z"].to(self.device)
+        self.watch = Watchers(self.script, self.args, self.log, d_loss_floor, None, self.fixed_y, self.rank)
+        max_seconds = None if self.args.max_minutes is None else 60 * self.args.max_minutes
+        self.logfile = MetricsLog(self.dir / "metrics.jsonl", self.script, self.batches, total, max_seconds, self.step,
+                                  self.rank)
         if self.rank == 0:  # rank 0 alone evaluates and writes
-            # the yardstick of "samples all alike" (_watch_alike): the spread of 1024 real images (within each class
-            # for a conditional G), drawn once; none when no class has 2 of them (the check is then off)
-            idx = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.args.seed + 5))[:1024]
-            idx = idx.sort().values  # in file order: a memory map reads forward
-            real = spread(self.data.images[idx.to(self.data.images.device)],
-                          self.data.labels[idx.to(self.data.labels.device)] if num_classes else None)
-            self._real_spread = real if math.isfinite(real) and real > 0 else None
+            self.watch.real_spread = real_spread(self.data, self.args.seed + 5, bool(num_classes))
             self.evaluator = Evaluator(self.data, self.args.data_root, self.device, self.args.eval_samples,
                                        self.args.seed, self.args.eval_real, self.args.inception_weights)
+            resolved = {"device": str(self.device), "precision": self.precision, "torch": torch.__version__,
+                        "data": self.data.where}
             try:
-                self._prepare_dir()
+                prepare_out_dir(self.dir, self.args, self.state, self.step, resolved)
             except OSError as e:
                 self._cannot_write(e)
             if self.world > 1:
                 print(f"{self.script}: {self.world} processes ({self.device.type}, "
-                      f"{'SyncBatchNorm' if self.sync_bn else 'BatchNorm statistics per process'}), "
+                      f"{'SyncBatchNorm' if self.procs.sync_bn else 'BatchNorm statistics per process'}), "
                       f"{self.batches.local} images per process of each --batch-size {self.args.batch_size}", flush=True)
         return self.step
 
-    def noise(self, n, generator=None):
-        return torch.randn(n, self.latent_dim, device=self.device, generator=generator)
-
-    def _prepare_dir(self):
-        if self.state is None:
-            if self.args.overwrite:  # only the files a run writes: never the folder itself
-                old = [self.dir / f for f in RUN_FILES + RUN_PICTURES] + [*self.dir.glob("samples/step_*.png")]
-                for p in old:
-                    p.unlink(missing_ok=True)
-            rows = []
-        else:  # keep the log up to the checkpoint's step; a run resumed elsewhere takes its history along
-            old = Path(self.args.resume).parent / "metrics.jsonl"
-            rows = [r for r in read_metrics(old, warn=True) if r["step"] <= self.step] if old.exists() else []
-            for p in self.dir.glob("samples/step_*.png"):
-                if int(p.stem[5:]) > self.step:
-                    p.unlink()
-        (self.dir / "samples").mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.dir / "metrics.jsonl"
-        write_atomic(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-        resolved = {"device": str(self.device), "precision": self.precision, "torch": torch.__version__,
-                    "data": self.data.where}
-        write_atomic(self.dir / "args.json", json.dumps({**flags(self.args), "resolved": resolved}, indent=2) + "\n")
-
     # -- the loop ---------------------------------------------------------------------------------
     def __enter__(self):
-        self._paused = 0.0
         if self.state is None and self.rank == 0:
             try:
                 self._save()
@@ -1753,72 +1981,42 @@ class Run:
                 self._cannot_write(e)
         if self.world > 1:  # the clocks start together: not while rank 0 still trains its evaluation classifier
             dist.barrier()
-        self.t0 = self._t_log = self._t_saved = time.time()
-        self._paused = self._paused_log = 0.0
-        self.first_step, self._step_log, self._pos_log = self.step, self.step, self.batches.position
-        self.max_seconds = None if self.args.max_minutes is None else 60 * self.args.max_minutes
-        # Ctrl-C, and the signals schedulers send before they end a job (SLURM, Kubernetes and torchrun: SIGTERM;
-        # SLURM's --signal=USR1@120 warning), only raise a flag: the loop finishes its step, the run saves its
-        # checkpoint and exits with 128 + the signal's number (130, 143, 138), the shell's code for "ended by it".
-        try:
-            for sig in STOP_SIGNALS:
-                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
-        except ValueError:  # not the main thread: leave the signals alone
-            self._restore_signals()
+        self.logfile.restart(self.step)
+        self._t_saved = time.time()
+        self.signals.install()
         return self
-
-    def _on_signal(self, signum, frame):
-        self.stop_signal = self.stop_signal or signum
-        # A second Ctrl-C ends the process as it would without us (KeyboardInterrupt): the user typed it twice.
-        # SIGTERM and SIGUSR1 may arrive twice by design (SLURM signals every process of a job step and torchrun
-        # forwards the same signal again): a repeat is ignored; a scheduler follows its grace time with SIGKILL.
-        if signum == signal.SIGINT:
-            signal.signal(signum, signal.default_int_handler)
-
-    def _restore_signals(self):
-        for sig, handler in self._old_handlers.items():  # also after an error: a notebook's next Ctrl-C must work
-            signal.signal(sig, handler)
-        self._old_handlers = {}
-
-    @property
-    def interrupted(self):
-        return bool(self.stop_signal)
-
-    def elapsed(self):
-        return time.time() - self.t0
 
     def should_stop(self, step):
         if step >= self.total:
             return True
-        if self.world > 1 and step % self.args.log_every:  # processes agree on the clock and Ctrl-C at log steps
+        if self.world > 1 and step % self.args.log_every:  # processes agree on the clock and signals at log steps
             return False
-        timed_out = self.max_seconds is not None and self.elapsed() >= self.max_seconds
-        if self.world > 1:  # one process's clock or signal (on its machine) stops them all, for the same reason
-            flags = torch.tensor([float(self.stop_signal), float(timed_out)], device=self.device)
-            dist.all_reduce(flags, dist.ReduceOp.MAX)
-            # from locals: a signal handled during the all-reduce must neither be overwritten by the agreed 0
-            # nor stop this process alone (it is agreed on at the next log step)
-            agreed, timed_out = int(flags[0]), bool(flags[1])
-            if agreed:
-                self.stop_signal = self.stop_signal or agreed
-            return bool(agreed) or timed_out
-        return self.interrupted or timed_out
+        timed_out = self.logfile.max_seconds is not None and self.logfile.elapsed() >= self.logfile.max_seconds
+        if self.world == 1:
+            return bool(self.signals.caught) or timed_out
+        # one process's clock or signal (on its machine) stops them all, for the same reason. From locals: a signal
+        # handled during the all-reduce must neither be overwritten by the agreed 0 nor stop this process alone
+        # (it is agreed on at the next log step)
+        caught, timed_out = self.procs.agree(self.signals.caught, timed_out)
+        self.signals.caught = self.signals.caught or int(caught)
+        return bool(caught) or bool(timed_out)
 
     def end_step(self, step, **stats):
         """After each generator step: collect the step's statistics (tensors, left on the device), then log,
         sample and checkpoint, and evaluate when their steps come. Only log steps sync with the device."""
         self.step = step
         self.meter.add(**stats)
-        if step % self.args.log_every == 0:
+        log_step = step % self.args.log_every == 0
+        if log_step:
             self._log_stats()
         sample = step % self.args.sample_every == 0
         # --checkpoint-minutes: at a log step, when that much wall clock has passed since the last save (rank 0's
-        # clock decides for every process). No sample grid: sampling would be the same, but grids between the
-        # --sample-every steps would make progress.gif uneven.
-        timed = (not sample and self.args.checkpoint_minutes and step % self.args.log_every == 0
-                 and self._agree(self.rank == 0 and time.time() - self._t_saved >= 60 * self.args.checkpoint_minutes))
+        # clock decides for every process). No sample grid: grids between the --sample-every steps would make
+        # progress.gif uneven.
+        timed = (not sample and self.args.checkpoint_minutes and log_step and self.procs.agree(
+            self.rank == 0 and time.time() - self._t_saved >= 60 * self.args.checkpoint_minutes)[0])
         if (sample or timed) and self.world > 1:
-            self._check_weights(agree=True)  # before rank 0 saves: all processes stop together on NaN
+            check_weights(self.objects, step, self.procs)  # before rank 0 saves: all processes stop together on NaN
         if self.rank:  # the others go on training while rank 0 saves and evaluates
             return
         if sample or timed:
@@ -1826,18 +2024,50 @@ class Run:
         if self.args.eval_every and step % self.args.eval_every == 0 and step < self.total:
             self._evaluate()
 
-    def _agree(self, flag):
-        """True in every process if `flag` is True in any (a collective under torchrun)."""
-        if self.world == 1:
-            return bool(flag)
-        t = torch.tensor([float(flag)], device=self.device)
-        dist.all_reduce(t, dist.ReduceOp.MAX)
-        return bool(t.item())
+    def _log_stats(self):
+        stats = self.meter.read(self.world)  # the one host sync of a log step (averaged over the processes)
+        check_finite(self.step, stats)  # the same verdict in every process
+        self.log(stats, rate=True)
+        self.watch.losses(self.step, stats)
+
+    def log(self, record, rate=False):
+        """Append one row to metrics.jsonl (rank 0 only); `rate`: training statistics, which get images/s."""
+        if self.rank == 0:
+            self.logfile.write(self.step, record, rate)
+
+    def _save(self, grid=True):
+        """checkpoint.pt (everything needed to continue exactly) and, with `grid`, the sample grid of this step."""
+        with self.logfile.pause():
+            if self.step > 0:  # never overwrite the last good checkpoint with a diverged model
+                check_weights(self.objects, self.step)
+            d = self.data
+            save_checkpoint(self.dir / "checkpoint.pt", {
+                "script": self.script, "args": flags(self.args), "step": self.step, "position": self.batches.position,
+                "data": {"channels": d.channels, "image_size": d.image_size, "num_classes": d.num_classes,
+                         "conditional": bool(self.num_classes)},
+                "rng": rng_state(self.device), "fixed_z": self.fixed_z,
+                **{k: v.state_dict() for k, v in self.objects.items()}})
+            self.saved_step, self._t_saved = self.step, time.time()
+            if grid:
+                images = self.sample(self.fixed_z, self.fixed_y)
+                save_grid(images, self.dir / "samples" / f"step_{self.step:07d}.png", nrow=10 if self.num_classes else 8)
+                if self.step > 0:
+                    self.watch.grid(self.step, images)
+
+    def _evaluate(self):
+        with self.logfile.pause():
+            def sample_n(n, generator):
+                y = balanced_labels(n, self.num_classes, self.device) if self.num_classes else None
+                return self.sample(self.noise(n, generator), y), y
+            self.metrics, self._eval_step = self.evaluator(sample_n), self.step
+            if self.metrics:
+                self.log(self.metrics)
+        return self.metrics
 
     def _cannot_write(self, e):
         """A file operation failed (a full disk, a quota, a read-only file system): one line, exit 1. The checkpoint
         on disk is the last one saved in full (save_checkpoint replaces it only by a complete file)."""
-        self._restore_signals()
+        self.signals.restore()
         kept = (f"last good checkpoint: {self.dir / 'checkpoint.pt'} (step {self.saved_step})"
                 if self.saved_step is not None else "no checkpoint was saved")
         print(f"{self.script}.py: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}; stopped at "
@@ -1846,201 +2076,14 @@ class Run:
 
     def __exit__(self, kind, err, tb):
         try:
-            return self._exit(kind, err)
+            return end_run(self, kind, err)
         finally:  # only now: a repeated SIGTERM during the final save must not kill it
-            self._restore_signals()
+            self.signals.restore()
 
-    def _exit(self, kind, err):
-        if self.tty:
-            print()
-        if kind is not None and self.stop_signal and self.world > 1 and not issubclass(kind, (Diverged, OSError)):
-            # Under torchrun a signal also comes when torchrun ends the survivors of a process that failed: the
-            # next collective then fails here (a peer is gone). Nothing to add to the failed process's message.
-            print(f"{self.script}.py: stopped by {signal.Signals(self.stop_signal).name} at step {self.step} "
-                  f"(another process ended first)", file=sys.stderr)
-            raise SystemExit(128 + self.stop_signal) from None
-        try:
-            if kind is not None and issubclass(kind, OSError):
-                raise err
-            if kind is None:
-                try:
-                    if len(self.meter):  # the steps after the last log step
-                        self._log_stats()  # the last collective of the run
-                except Diverged as e:
-                    kind, err = Diverged, e
-            if kind in (None, Diverged) and self.world > 1:
-                dist.destroy_process_group()  # every process at the same point; rank 0 then finishes alone
-            if kind is None:
-                try:
-                    if self.step != self.saved_step and self.rank == 0:
-                        self._save()  # first: what comes after (evaluation, figures) may be cut short
-                except Diverged as e:
-                    kind, err = Diverged, e
-            if kind is Diverged and self.rank:
-                raise SystemExit(1) from None
-            if kind is Diverged:
-                self._plots()
-                print(f"{self.script}.py: error: {err}; stopped. Last good checkpoint: {self.dir / 'checkpoint.pt'} "
-                      f"(step {self.saved_step})", file=sys.stderr)
-                raise SystemExit(1) from None
-            if kind is None and self.interrupted:
-                if self.rank == 0:
-                    self._plots()
-                    name = signal.Signals(self.stop_signal).name
-                    print(f"{self.script}.py: interrupted at step {self.step} by {name}; checkpoint and plots in "
-                          f"{self.dir} (continue: the same command with --resume auto, or --resume "
-                          f"{self.dir / 'checkpoint.pt'})", file=sys.stderr)
-                raise SystemExit(128 + self.stop_signal)
-        except OSError as e:
-            if self.rank == 0:
-                self._cannot_write(e)
-            raise
-        return False
-
-    def _log_stats(self):
-        stats = self.meter.read(self.world)  # the one host sync of a log step (averaged over the processes)
-        check_finite(self.step, stats)  # the same verdict in every process
-        self.log(stats, rate=True)
-        self._watch_d(stats)
-
-    def _watch_d(self, stats):
-        """Say it, once, when D has won (D_WON_LOSS): one line on stderr and a `d_won` row in metrics.jsonl. Training
-        goes on: D sometimes loses its grip again, and the user decides. Said again only after D's loss recovered."""
-        if self.d_loss_floor is None or "loss_d" not in stats or "loss_g" not in stats:
-            return
-        w = self._d_window
-        w.append((stats["loss_d"] - self.d_loss_floor, stats["loss_g"]))
-        del w[:-D_WON_LINES]
-        if self._d_won:
-            self._d_won = min(d for d, _ in w) < 10 * D_WON_LOSS  # re-armed once D's loss is well off its floor
-            return
-        if len(w) < D_WON_LINES or max(d for d, _ in w) >= D_WON_LOSS or w[-1][1] <= w[0][1]:
-            return
-        self._d_won = True
-        if self.rank == 0:
-            print(f"{self.script}.py: D has won at step {self.step}: its loss has stayed below {D_WON_LOSS} for "
-                  f"{D_WON_LINES} log lines while G's rose from {w[0][1]:.3g} to {w[-1][1]:.3g}, so G learns little "
-                  f"more. Training goes on; what usually helps: {self._remedies()}", file=sys.stderr, flush=True)
-        self.log({"d_won": {"loss_d": w[-1][0] + self.d_loss_floor, "loss_g_from": w[0][1], "loss_g_to": w[-1][1]}})
-
-    def _watch_alike(self, images):
-        """Say it, once, when the grid's samples have all looked alike (ALIKE) for ALIKE_STEPS steps: one line on
-        stderr and an `alike` row in metrics.jsonl; training goes on. A conditional grid (10 noises per class) is
-        judged within each class: a G that draws one image per class has collapsed too. Said again only after the
-        spread recovered to twice ALIKE. Rank 0."""
-        if self._real_spread is None:
-            return
-        ratio = spread(images, self.fixed_y) / self._real_spread
-        if self._alike:
-            self._alike = ratio < 2 * ALIKE
-            return
-        if ratio >= ALIKE:
-            self._alike_since = None
-            return
-        if self._alike_since is None:
-            self._alike_since = self.step
-        if self.step - self._alike_since < ALIKE_STEPS:
-            return
-        since, self._alike, self._alike_since = self._alike_since, True, None
-        within = " within each class" if self.num_classes else ""
-        print(f"{self.script}.py: G's samples all look alike at step {self.step}: since step {since} its sample "
-              f"grids have varied{within} less than {ALIKE} times as much as "
-              f"real images do (now {ratio:.2g}: mode collapse). Training goes on; what usually helps: "
-              f"{self._remedies()}", file=sys.stderr, flush=True)
-        self.log({"alike": {"spread": ratio}})
-
-    def _remedies(self):
-        a = self.args
-        tries = [f"a lower --lr-d (now {a.lr_d:g})" if "lr_d" in vars(a) else "",
-                 f"fewer D steps (--n-dis, now {a.n_dis})" if getattr(a, "n_dis", 1) > 1 else "",
-                 {"none": "spectral norm on D (--spectral-norm d)", "g": "spectral norm on D as well (--spectral-norm "
-                  "both)"}.get(getattr(a, "spectral_norm", None), ""),
-                 "another --seed"]
-        return ", ".join(t for t in tries if t)
-
-    def log(self, record, rate=False):
-        """Append one JSON line: step, epoch, the record, elapsed time and, for training statistics, the
-        real images/s since the last such line (time spent saving and evaluating not counted). Rank 0 only."""
-        if self.rank:
-            return
-        now = time.time()
-        record = {"step": self.step, "epoch": self.batches.epoch, **record}
-        if rate and self.step > self._step_log:
-            images = (self.batches.position - self._pos_log) * self.batches.batch_size
-            work = (now - self._t_log) - (self._paused - self._paused_log)
-            record["images_per_s"] = round(images / max(work, 1e-9), 1)
-            self._t_log, self._step_log, self._pos_log, self._paused_log = now, self.step, self.batches.position, self._paused
-        record["elapsed_s"] = round(self.elapsed(), 1)
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self._progress(record)
-
-    def _progress(self, record):
-        done = self.step - self.first_step
-        left = (self.total - self.step) * (self.elapsed() / max(done, 1))
-        if self.max_seconds is not None:
-            left = min(left, self.max_seconds - self.elapsed())
-        losses = " ".join(f"{k}={v:.3g}" for k, v in record.items()
-                          if isinstance(v, float) and k.startswith(("loss", "w_", "cls_fid", "fid")))
-        total = self.total if self.total < 10**12 else "?"
-        line = (f"{self.script} step {self.step}/{total} ep {self.batches.epoch} {losses} "
-                f"{record.get('images_per_s', 0):.0f} img/s ETA {left / 60:.1f} min")
-        if self.tty:
-            print("\r" + line[:150].ljust(150), end="", flush=True)
-        elif time.time() - self._last_print > 30:  # logs and CI: a line every 30 s at most
-            print(line, flush=True)
-            self._last_print = time.time()
-
-    def _save(self, grid=True):
-        """checkpoint.pt (everything needed to continue exactly) and, with `grid`, the sample grid of this step."""
-        t = time.time()
-        if self.step > 0:  # never overwrite the last good checkpoint with a diverged model
-            self._check_weights()
-        data = self.data
-        save_checkpoint(self.dir / "checkpoint.pt", {
-            "script": self.script, "args": flags(self.args), "step": self.step, "position": self.batches.position,
-            "data": {"channels": data.channels, "image_size": data.image_size, "num_classes": data.num_classes,
-                     "conditional": bool(self.num_classes)},
-            "rng": rng_state(self.device), "fixed_z": self.fixed_z,
-            **{k: v.state_dict() for k, v in self.objects.items()}})
-        self.saved_step, self._t_saved = self.step, time.time()
-        if grid:
-            images = self.sample(self.fixed_z, self.fixed_y)
-            save_grid(images, self.dir / "samples" / f"step_{self.step:07d}.png", nrow=10 if self.num_classes else 8)
-            if self.step > 0:
-                self._watch_alike(images)
-        self._paused += time.time() - t
-
-    def _check_weights(self, agree=False):
-        """Diverged if a model's weights or statistics are non-finite. `agree`: every process takes the verdict
-        of all (weights are equal in every process, BatchNorm statistics need not be)."""
-        tensors = {n: [*obj.parameters(), *obj.buffers()] for n, obj in self.objects.items() if isinstance(obj, nn.Module)}
-        tensors = {n: ts for n, ts in tensors.items() if ts}
-        if not tensors:
-            return
-        bad = torch.stack([torch.stack([~torch.isfinite(t).all() for t in ts]).any() for ts in tensors.values()]).float()
-        if agree:
-            dist.all_reduce(bad, dist.ReduceOp.MAX)
-        for name, b in zip(tensors, bad.tolist()):  # one sync
-            if b:
-                raise Diverged(f"{name}'s weights or statistics became non-finite by step {self.step}")
-
-    def _sample_n(self, n, generator):
-        y = balanced_labels(n, self.num_classes, self.device) if self.num_classes else None
-        return self.sample(self.noise(n, generator), y), y
-
-    def _evaluate(self):
-        t = time.time()
-        self.metrics, self._eval_step = self.evaluator(self._sample_n), self.step
-        if self.metrics:
-            self.log(self.metrics)
-        self._paused += time.time() - t
-        return self.metrics
-
-    # -- the finish -------------------------------------------------------------------------------
     def _plots(self):
-        plot_metrics(self.metrics_path, self.dir / "losses.png", self.panels)
-        plot_class_histogram(self.metrics_path, self.dir / "class_histogram.png", CLASS_NAMES.get(self.args.dataset))
+        plot_metrics(self.dir / "metrics.jsonl", self.dir / "losses.png", self.panels)
+        plot_class_histogram(self.dir / "metrics.jsonl", self.dir / "class_histogram.png",
+                             CLASS_NAMES.get(self.args.dataset))
         make_gif(self.dir / "samples", self.dir / "progress.gif")
 
     def finish(self):
@@ -2050,45 +2093,144 @@ class Run:
         if self.rank:
             return self.dir
         try:
-            return self._finish()
+            return finish_run(self)
         except OSError as e:
             self._cannot_write(e)
 
-    def _finish(self):
-        metrics = self.metrics if self._eval_step == self.step else self._evaluate()
-        self._plots()
-        g = torch.Generator(self.device).manual_seed(self.args.seed + 3)
-        rows = self.num_classes or 8  # conditional: one class per row
-        z0, z1 = self.noise(rows, g), self.noise(rows, g)
-        path = torch.stack([interpolate(a, b, 10, "slerp") for a, b in zip(z0, z1)])  # (rows, 10 steps, latent)
-        y = torch.arange(rows, device=self.device).repeat_interleave(10) if self.num_classes else None
-        save_grid(self.sample(path.flatten(0, 1), y), self.dir / "interpolation.png", nrow=10)
-        if self.evaluator.classifier is not None:
-            y20 = balanced_labels(20, self.num_classes, self.device) if self.num_classes else None
-            save_predictions(self.evaluator, self.sample(self.noise(20, g), y20), self.dir / "predictions.png",
-                             y20, CLASS_NAMES.get(self.args.dataset))
-        summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_std"))
-        source = f"{metrics['eval_source']}; {metrics['n_gen']} generated vs {metrics['n_real']} real" if metrics else \
-            self.evaluator.source
-        if self.step < self.total:
-            reason = "time limit (--max-minutes)"
-        elif self.args.max_steps and self.step >= self.args.max_steps:
-            reason = "done (--max-steps)"
-        else:  # --epochs caps --max-steps silently otherwise: say so
-            reason = f"done (--epochs {self.args.epochs} reached)"
-        print(f"{self.script}: {reason} at step {self.step} (epoch {self.batches.epoch}, {self.elapsed() / 60:.1f} min, "
-              f"{self.precision}, data in {self.data.where}) {summary or 'no metrics'} [{source}] -> {self.dir}", flush=True)
-        return self.dir
 
-
-def write_atomic(path, text):
-    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
+def end_run(run, kind, err):
+    """How the loop ended decides what happens (Run.__exit__): after the last step, the last statistics and the
+    checkpoint of the last step; after a signal, that too, then exit 128 + its number; on NaN, the last good
+    checkpoint stays and the run exits 1; on a failed write, one line and exit 1."""
+    if run.logfile.tty:
+        print()
+    if kind is not None and run.signals.caught and run.world > 1 and not issubclass(kind, (Diverged, OSError)):
+        # Under torchrun a signal also comes when torchrun ends the survivors of a process that failed: the
+        # next collective then fails here (a peer is gone). Nothing to add to the failed process's message.
+        print(f"{run.script}.py: stopped by {run.signals.name} at step {run.step} (another process ended first)",
+              file=sys.stderr)
+        raise SystemExit(128 + run.signals.caught) from None
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        if kind is not None and issubclass(kind, OSError):
+            raise err
+        if kind is None:
+            try:
+                if len(run.meter):  # the steps after the last log step
+                    run._log_stats()  # the last collective of the run
+            except Diverged as e:
+                kind, err = Diverged, e
+        if kind in (None, Diverged) and run.world > 1:
+            dist.destroy_process_group()  # every process at the same point; rank 0 then finishes alone
+        if kind is None:
+            try:
+                if run.step != run.saved_step and run.rank == 0:
+                    run._save()  # first: what comes after (evaluation, figures) may be cut short
+            except Diverged as e:
+                kind, err = Diverged, e
+        if kind is Diverged and run.rank:
+            raise SystemExit(1) from None
+        if kind is Diverged:
+            run._plots()
+            print(f"{run.script}.py: error: {err}; stopped. Last good checkpoint: {run.dir / 'checkpoint.pt'} "
+                  f"(step {run.saved_step})", file=sys.stderr)
+            raise SystemExit(1) from None
+        if kind is None and run.signals.caught:
+            if run.rank == 0:
+                run._plots()
+                print(f"{run.script}.py: interrupted at step {run.step} by {run.signals.name}; checkpoint and plots "
+                      f"in {run.dir} (continue: the same command with --resume auto, or --resume "
+                      f"{run.dir / 'checkpoint.pt'})", file=sys.stderr)
+            raise SystemExit(128 + run.signals.caught)
+    except OSError as e:
+        if run.rank == 0:
+            run._cannot_write(e)
         raise
+    return False
+
+
+def finish_run(run):
+    """Run.finish: the final evaluation, plots and figures, and the summary line."""
+    metrics = run.metrics if run._eval_step == run.step else run._evaluate()
+    run._plots()
+    g = torch.Generator(run.device).manual_seed(run.args.seed + 3)
+    rows = run.num_classes or 8  # conditional: one class per row
+    z0, z1 = run.noise(rows, g), run.noise(rows, g)
+    path = torch.stack([interpolate(a, b, 10, "slerp") for a, b in zip(z0, z1)])  # (rows, 10 steps, latent)
+    y = torch.arange(rows, device=run.device).repeat_interleave(10) if run.num_classes else None
+    save_grid(run.sample(path.flatten(0, 1), y), run.dir / "interpolation.png", nrow=10)
+    if run.evaluator.classifier is not None:
+        y20 = balanced_labels(20, run.num_classes, run.device) if run.num_classes else None
+        save_predictions(run.evaluator, run.sample(run.noise(20, g), y20), run.dir / "predictions.png",
+                         y20, CLASS_NAMES.get(run.args.dataset))
+    summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_std"))
+    source = f"{metrics['eval_source']}; {metrics['n_gen']} generated vs {metrics['n_real']} real" if metrics else \
+        run.evaluator.source
+    if run.step < run.total:
+        reason = "time limit (--max-minutes)"
+    elif run.args.max_steps and run.step >= run.args.max_steps:
+        reason = "done (--max-steps)"
+    else:  # --epochs caps --max-steps silently otherwise: say so
+        reason = f"done (--epochs {run.args.epochs} reached)"
+    print(f"{run.script}: {reason} at step {run.step} (epoch {run.batches.epoch}, {run.logfile.elapsed() / 60:.1f} "
+          f"min, {run.precision}, data in {run.data.where}) {summary or 'no metrics'} [{source}] -> {run.dir}",
+          flush=True)
+    return run.dir
+
+
+class EMA:
+    """An exponential moving average of G's weights, theta_ema <- d theta_ema + (1 - d) theta after every G step
+    (Yazici et al. 2019), for sngan's and sagan's --ema. BatchNorm's running statistics are not averaged: they
+    describe G's current weights, not the average; before the average is used they are recomputed from its own
+    forward passes (`ready`), with a fixed noise stream so that sampling shifts no training randomness. A G with
+    spectral norm (sagan's): the power-iteration vectors u, v are not averaged but copied from G at every update
+    (G's weights are close to the average's), and the train-mode forwards of `ready` iterate them on the average's
+    weights. So the average's state depends only on G's and the averaged weights, not on how often it was used: a
+    resumed run matches an uninterrupted one whatever the checkpoint steps."""
+
+    def __init__(self, G, decay, latent_dim, num_classes=0, batches=8, batch_size=256):
+        import copy
+        self.module = copy.deepcopy(G).requires_grad_(False)
+        self.decay, self.latent_dim, self.num_classes = decay, latent_dim, num_classes
+        self.batches, self.batch_size, self.stale = batches, batch_size, True
+
+    @staticmethod
+    def sn_vectors(net):
+        return [b for name, b in net.named_buffers() if name.endswith(("._u", "._v"))]
+
+    @torch.no_grad()
+    def update(self, G):
+        torch._foreach_lerp_(list(self.module.parameters()), list(G.parameters()), 1 - self.decay)
+        if self.sn_vectors(G):
+            torch._foreach_copy_(self.sn_vectors(self.module), self.sn_vectors(G))
+        self.stale = True
+
+    @torch.no_grad()
+    def ready(self):
+        """The averaged G, with BatchNorm statistics recomputed if it changed since (cumulative mean over
+        `batches` batches in train mode)."""
+        if self.stale:
+            device = next(self.module.parameters()).device
+            g = torch.Generator(device).manual_seed(1234)
+            bns = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # Sync too
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None  # cumulative average over the batches below
+            self.module.train()
+            for _ in range(self.batches):
+                z = torch.randn(self.batch_size, self.latent_dim, device=device, generator=g)
+                y = balanced_labels(self.batch_size, self.num_classes, device) if self.num_classes else None
+                self.module(z, y)
+            for bn in bns:
+                bn.momentum = 0.1
+            self.stale = False
+        return self.module.eval()
+
+    def state_dict(self):  # saved with its statistics recomputed: they then belong to the saved weights
+        return self.ready().state_dict()
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state)
+        self.stale = False
 
 
 def generate(args, script, load_sampler, noise_dim=None, num_labels=None):

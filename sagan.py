@@ -25,7 +25,6 @@ class_histogram.png and predictions.png (MNIST-like data), checkpoint.pt.
 """
 
 import argparse
-import copy
 import math
 
 import torch
@@ -325,59 +324,6 @@ def attention_layers(net):
     return [m for m in net.modules() if isinstance(m, SelfAttention)]
 
 
-class EMA:
-    """An exponential moving average of G's weights, theta_ema <- d theta_ema + (1 - d) theta after every G
-    step (Yazici et al. 2019). Copied from sngan.py. BatchNorm's running statistics are not averaged: before the
-    average is used they are recomputed from its own forward passes (`ready`), with a fixed noise stream.
-    Differs from sngan.py (whose G has no SN): the spectral norm's power-iteration vectors u, v are not averaged but
-    copied from G at every update (G's weights are close to the average's), and the train-mode forwards of `ready`
-    iterate them on the average's weights. So the average's state depends only on G's and the averaged weights,
-    not on how often it was used: a resumed run matches an uninterrupted one whatever the checkpoint steps."""
-
-    def __init__(self, G, decay, latent_dim, num_classes=0, batches=8, batch_size=256):
-        self.module = copy.deepcopy(G).requires_grad_(False)
-        self.decay, self.latent_dim, self.num_classes = decay, latent_dim, num_classes
-        self.batches, self.batch_size, self.stale = batches, batch_size, True
-
-    @staticmethod
-    def sn_vectors(net):
-        return [b for name, b in net.named_buffers() if name.endswith(("._u", "._v"))]
-
-    @torch.no_grad()
-    def update(self, G):
-        torch._foreach_lerp_(list(self.module.parameters()), list(G.parameters()), 1 - self.decay)
-        torch._foreach_copy_(self.sn_vectors(self.module), self.sn_vectors(G))
-        self.stale = True
-
-    @torch.no_grad()
-    def ready(self):
-        """The averaged G, with BatchNorm statistics recomputed if it changed since (cumulative mean over
-        `batches` batches in train mode)."""
-        if self.stale:
-            device = next(self.module.parameters()).device
-            g = torch.Generator(device).manual_seed(1234)
-            bns = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # Sync too
-            for bn in bns:
-                bn.reset_running_stats()
-                bn.momentum = None  # cumulative average over the batches below
-            self.module.train()
-            for _ in range(self.batches):
-                z = torch.randn(self.batch_size, self.latent_dim, device=device, generator=g)
-                y = common.balanced_labels(self.batch_size, self.num_classes, device) if self.num_classes else None
-                self.module(z, y)
-            for bn in bns:
-                bn.momentum = 0.1
-            self.stale = False
-        return self.module.eval()
-
-    def state_dict(self):  # saved with its statistics recomputed: they then belong to the saved weights
-        return self.ready().state_dict()
-
-    def load_state_dict(self, state):
-        self.module.load_state_dict(state)
-        self.stale = False
-
-
 # ----------------------------------------------------------------------------------------------
 # Losses (from D's raw outputs): the hinge version of the adversarial loss (Zhang et al. 2019, Sec. 3;
 # Lim & Ye 2017, Tran et al. 2017)
@@ -486,7 +432,7 @@ def train(args):
         raise common.UsageError(f"{args.dataset} has no class labels; --conditional needs them")
     G = build_generator(args, data.channels, K).to(device, memory_format=run.memory_format)
     D = build_discriminator(args, data.channels, K).to(device, memory_format=run.memory_format)
-    ema = EMA(G, args.ema, args.latent_dim, K) if args.ema else None
+    ema = common.EMA(G, args.ema, args.latent_dim, K) if args.ema else None
     # differs from sngan.py: two learning rates (TTUR), constant as in the authors' code (no linear decay)
     opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2), fused=run.fused)
     opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2), fused=run.fused)
@@ -565,7 +511,7 @@ def generate(args):
         G = build_generator(saved, state["data"]["channels"], k).to(device)
         G.load_state_dict(state["G"])
         if "G_ema" in state:
-            ema = EMA(G, saved.ema, saved.latent_dim, k)
+            ema = common.EMA(G, saved.ema, saved.latent_dim, k)
             ema.load_state_dict(state["G_ema"])
             G = ema.ready()
         return lambda z, y: sample_images(G, z, y)

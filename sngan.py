@@ -23,7 +23,6 @@ interpolation.png, class_histogram.png and predictions.png (MNIST-like data), ch
 """
 
 import argparse
-import copy
 import math
 
 import torch
@@ -316,51 +315,6 @@ def singular_values(D):
     return sigma
 
 
-class EMA:
-    """An exponential moving average of G's weights, theta_ema <- d theta_ema + (1 - d) theta after every G
-    step (Yazici et al. 2019). BatchNorm's running statistics are not averaged: they describe G's current
-    weights, not the average. Before the average is used they are recomputed from its own forward passes
-    (`ready`), with a fixed noise stream so that sampling shifts no training randomness."""
-
-    def __init__(self, G, decay, latent_dim, num_classes=0, batches=8, batch_size=256):
-        self.module = copy.deepcopy(G).requires_grad_(False)
-        self.decay, self.latent_dim, self.num_classes = decay, latent_dim, num_classes
-        self.batches, self.batch_size, self.stale = batches, batch_size, True
-
-    @torch.no_grad()
-    def update(self, G):
-        torch._foreach_lerp_(list(self.module.parameters()), list(G.parameters()), 1 - self.decay)
-        self.stale = True
-
-    @torch.no_grad()
-    def ready(self):
-        """The averaged G, with BatchNorm statistics recomputed if it changed since (cumulative mean over
-        `batches` batches in train mode)."""
-        if self.stale:
-            device = next(self.module.parameters()).device
-            g = torch.Generator(device).manual_seed(1234)
-            bns = [m for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # Sync too
-            for bn in bns:
-                bn.reset_running_stats()
-                bn.momentum = None  # cumulative average over the batches below
-            self.module.train()
-            for _ in range(self.batches):
-                z = torch.randn(self.batch_size, self.latent_dim, device=device, generator=g)
-                y = common.balanced_labels(self.batch_size, self.num_classes, device) if self.num_classes else None
-                self.module(z, y)
-            for bn in bns:
-                bn.momentum = 0.1
-            self.stale = False
-        return self.module.eval()
-
-    def state_dict(self):  # saved with its statistics recomputed: they then belong to the saved weights
-        return self.ready().state_dict()
-
-    def load_state_dict(self, state):
-        self.module.load_state_dict(state)
-        self.stale = False
-
-
 # ----------------------------------------------------------------------------------------------
 # Losses (from D's raw outputs)
 # ----------------------------------------------------------------------------------------------
@@ -406,7 +360,7 @@ def train(args):
         raise common.UsageError(f"{args.dataset} has no class labels; --conditional needs them")
     G = build_generator(args, data.channels, K).to(device, memory_format=run.memory_format)
     D = build_discriminator(args, data.channels, K).to(device, memory_format=run.memory_format)
-    ema = EMA(G, args.ema, args.latent_dim, K) if args.ema else None
+    ema = common.EMA(G, args.ema, args.latent_dim, K) if args.ema else None
     opt_g = torch.optim.Adam(G.parameters(), args.lr_g, betas=(args.beta1, args.beta2), fused=run.fused)
     opt_d = torch.optim.Adam(D.parameters(), args.lr_d, betas=(args.beta1, args.beta2), fused=run.fused)
     total = max(1, min(args.max_steps or math.inf, args.epochs * (len(data) // args.batch_size) // args.n_dis))
@@ -480,7 +434,7 @@ def generate(args):
         G = build_generator(saved, state["data"]["channels"], k).to(device)
         G.load_state_dict(state["G"])
         if "G_ema" in state:
-            ema = EMA(G, saved.ema, saved.latent_dim, k)
+            ema = common.EMA(G, saved.ema, saved.latent_dim, k)
             ema.load_state_dict(state["G_ema"])
             G = ema.ready()
         return lambda z, y: sample_images(G, z, y)

@@ -19,21 +19,17 @@ TINY = ["--dataset", "fake", "--width", "8", "--batch-size", "32", "--eval-every
 
 
 def watcher(floor=0.0, **args):
-    """A Run with only what _watch_d and _watch_alike read: the log goes to a list."""
-    run = common.Run.__new__(common.Run)
-    run.args = types.SimpleNamespace(**({"lr_d": 2e-4, "n_dis": 1, "spectral_norm": "none"} | args))
-    run.script, run.rank, run.step = "cgan", 0, 0
-    run.d_loss_floor, run._d_window, run._d_won = floor, [], False
-    run.fixed_y, run.num_classes, run._alike, run._alike_since = None, None, False, None
-    run.rows = []
-    run.log = lambda record, rate=False: run.rows.append({"step": run.step, **record})
-    return run
+    """Watchers whose log goes to a list (`.rows`, each row with the step it was said at)."""
+    w = common.Watchers("cgan", types.SimpleNamespace(**({"lr_d": 2e-4, "n_dis": 1, "spectral_norm": "none"} | args)),
+                        log=None, d_loss_floor=floor)
+    w.rows = []
+    w.log = lambda record: w.rows.append({"step": w.step, **record})
+    return w
 
 
 def feed(run, pairs, start=50, every=50):
     for i, (d, g) in enumerate(pairs):
-        run.step = start + i * every
-        run._watch_d({"loss_d": d, "loss_g": g})
+        run.losses(start + i * every, {"loss_d": d, "loss_g": g})
 
 
 def test_d_won_is_said_once_with_the_step_and_what_to_try(capsys):
@@ -126,11 +122,10 @@ def test_alike_is_said_once_after_low_grids_for_500_steps_and_again_only_after_r
     once it recovered and fell. Catches a warning at the first low grids (an untrained G's), at every grid, a
     detector that never re-arms and one that re-arms on any small rise."""
     run = watcher()
-    run._real_spread = common.spread(shapes())
+    run.real_spread = common.spread(shapes())
     ratios = [1, 0.1, 0.1, 0.1, 0.1, 1, 0.1, 0.1, 0.1, 0.3, 0.1, 0.1, 0.5, 0.1, 0.1, 0.1]
     for i, r in enumerate(ratios, 1):  # a grid every 250 steps; spread scales with the images' contrast
-        run.step = 250 * i
-        run._watch_alike(shapes() * r)
+        run.grid(250 * i, shapes() * r)
     # low from 500: said at 1000; recovered at 1500; low from 1750: said at 2250; 0.3 at 2500 does not re-arm,
     # 0.5 at 3250 does; low from 3500: said at 4000
     assert [r["step"] for r in run.rows] == [1000, 2250, 4000]
@@ -143,19 +138,16 @@ def test_alike_judges_a_conditional_grid_within_each_class(capsys):
     grid as much as real images do, yet not at all within a class: said. The same grid with variety inside each
     class: silent. Catches fixed_y not reaching the measure, and a yardstick taken across classes."""
     run = watcher()
-    run.num_classes = 4
     run.fixed_y = torch.arange(4).repeat_interleave(10)
     real = torch.cat([shapes(), shapes()])  # 8 real images per class, 4 layouts each
-    run._real_spread = common.spread(real, torch.arange(32) % 4)
+    run.real_spread = common.spread(real, torch.arange(32) % 4)
     one_each = shapes(16)[[0, 5, 10, 15]].repeat_interleave(10, 0)
     varied = torch.cat([shapes(16)[torch.arange(10) + k] for k in range(4)])
     for step in (500, 1000, 1500):
-        run.step = step
-        run._watch_alike(varied)
+        run.grid(step, varied)
     assert run.rows == []
     for step in (2000, 2500):
-        run.step = step
-        run._watch_alike(one_each)
+        run.grid(step, one_each)
     assert [r["step"] for r in run.rows] == [2500] and "within each class" in capsys.readouterr().err
 
 
@@ -164,9 +156,8 @@ def test_alike_is_off_without_two_real_images_in_a_class():
     than compare within-class samples with a between-class spread or with NaN."""
     assert common.math.isnan(common.spread(shapes(4), torch.arange(4)))
     run = watcher()
-    run._real_spread = None
-    run.step = 1000
-    run._watch_alike(shapes()[:1].repeat(16, 1, 1, 1))
+    run.real_spread = None
+    run.grid(1000, shapes()[:1].repeat(16, 1, 1, 1))
     assert run.rows == []
 
 

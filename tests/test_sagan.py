@@ -353,6 +353,6 @@ def test_sagan_generate_writes_balanced_labels_from_the_ema(tmp_path, data_root)
     z = torch.randn(20, args.latent_dim, generator=torch.Generator().manual_seed(0))
     y = torch.arange(20) % 10
     assert not np.array_equal(common.to_uint8(sagan.sample_images(G, z, y)).numpy(), arrays["images"])
-    ema = sagan.EMA(copy.deepcopy(G), args.ema, args.latent_dim, 10)
+    ema = common.EMA(copy.deepcopy(G), args.ema, args.latent_dim, 10)
     ema.load_state_dict(state["G_ema"])
     assert np.array_equal(common.to_uint8(sagan.sample_images(ema.ready(), z, y)).numpy(), arrays["images"])

@@ -146,7 +146,7 @@ def test_ema_equals_its_closed_form_and_recomputes_batchnorm_statistics():
     average whose BatchNorm statistics belong to G."""
     torch.manual_seed(0)
     G = sngan.build_generator(net_args(), 1, 10)
-    ema = sngan.EMA(G, 0.9, 16)
+    ema = common.EMA(G, 0.9, 16)
     e0 = {k: v.clone() for k, v in ema.module.named_parameters()}
     with torch.no_grad():
         for p in G.parameters():
@@ -170,7 +170,7 @@ def test_ema_equals_its_closed_form_and_recomputes_batchnorm_statistics():
         ev = module(z)
         tr = copy.deepcopy(module).train()(z)  # a copy: a train-mode forward would update the statistics
     assert (ev - tr).abs().mean() < 0.05 * tr.abs().mean()
-    again = sngan.EMA(G, 0.9, 16)
+    again = common.EMA(G, 0.9, 16)
     again.load_state_dict(ema.state_dict())
     again.stale = True  # recompute: the same statistics (a fixed noise stream)
     assert torch.equal(again.ready().bn.bn.running_var, bn_e.running_var)
@@ -250,7 +250,7 @@ def test_sngan_generate_writes_balanced_labels_from_the_ema(tmp_path, data_root)
     y = torch.arange(20) % 10
     from_g = common.to_uint8(sngan.sample_images(G, z, y)).numpy()
     assert not np.array_equal(from_g, arrays["images"])
-    ema = sngan.EMA(G, args.ema, args.latent_dim, 10)
+    ema = common.EMA(G, args.ema, args.latent_dim, 10)
     ema.load_state_dict(state["G_ema"])
     assert np.array_equal(common.to_uint8(sngan.sample_images(ema.ready(), z, y)).numpy(), arrays["images"])
 
