@@ -1375,6 +1375,18 @@ def precision(device, enabled=True):
     return None, f"float32 ({device.type})"
 
 
+def device_settings(device, no_amp=False):
+    """(autocast dtype or None, precision in words, fused Adam?, memory format) of a run on `device`."""
+    amp_dtype, words = precision(device, not no_amp)
+    if device.type == "cuda":  # cuDNN convolutions default to TF32 on Ampere: --no-amp means float32
+        torch.backends.cudnn.allow_tf32 = not no_amp
+    # fused Adam: one kernel per step for all parameters. channels_last (NHWC) for conv networks and batches:
+    # 1.1-2x more images/s on this project's CPU (docs/results.md) and the layout tensor cores want on CUDA; MPS
+    # keeps the default layout.
+    memory_format = torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format
+    return amp_dtype, words, device.type == "cuda", memory_format
+
+
 def fork_rng(device):
     """A context that restores the CPU generator and that of `device` (CUDA or MPS) on exit."""
     device = torch.device(device)
@@ -1474,6 +1486,14 @@ def load_states(objects, state, path, script):
             raise UsageError(f"{path}: its {name} lacks {', '.join(sorted(missing)[:3])}: it was written by an "
                              f"older version of {script}.py's networks; resume it with the version that wrote it")
         obj.load_state_dict(state[name])
+
+
+def check_batch_norm_1d(objects, batch_size, world, script):
+    """A BatchNorm1d's training statistics over one image are undefined (torch raises deep in the forward)."""
+    nets = [m for obj in objects.values() if isinstance(obj, nn.Module) for m in obj.modules()]
+    if any(isinstance(m, nn.BatchNorm1d) for m in nets) and batch_size // world < 2:
+        raise UsageError(f"--batch-size {batch_size}: {script}'s networks have BatchNorm1d layers, which train on "
+                         f"at least 2 images per process (--batch-size {2 * world} or more)")
 
 
 def load_optimizer(opt, state):
@@ -1637,6 +1657,16 @@ class Processes:
         t = torch.tensor([float(v) for v in values], device=self.device)
         dist.all_reduce(t, dist.ReduceOp.MAX)
         return t.tolist()
+
+    def stop(self, signals, timed_out):
+        """Whether to stop now: a signal caught or the time is up, in any process (its machine's clock or signal
+        stops them all, for the same reason). From locals: a signal handled during the all-reduce must neither be
+        overwritten by the agreed 0 nor stop this process alone (it is agreed on at the next log step)."""
+        if self.world == 1:
+            return bool(signals.caught) or timed_out
+        caught, timed_out = self.agree(signals.caught, timed_out)
+        signals.caught = signals.caught or int(caught)
+        return bool(caught) or bool(timed_out)
 
     def from_rank0(self, obj):
         """Rank 0's `obj` in every process."""
@@ -1858,33 +1888,25 @@ class MetricsLog:
 # ----------------------------------------------------------------------------------------------
 
 class Run:
-    """One training run. Every script makes the same few moves, so that its own file shows only its model:
+    """One training run, in the few moves every script makes (its own file then shows only its model):
 
-        run = common.Run(args, SCRIPT)       # --resume, device, precision, --out checked; seeds torch
+        run = common.Run(args, SCRIPT)  # --resume, device, precision, --out checked; seeds torch
         batches = run.restore(data, G=G, D=D, opt_g=opt_g, opt_d=opt_d)  # what checkpoint.pt holds
-        step = run.start(total, sample, panels, latent_dim)   # evaluator, fixed grid noise, args.json
-        with run:                            # a signal ends the loop after its step; NaN stops the run (exit 1)
+        step = run.start(total, sample, panels, latent_dim)  # evaluator, fixed grid noise, args.json
+        with run:  # a signal ends the loop after its step; NaN stops the run (exit 1)
             while not run.should_stop(step):
-                ...                          # D and G steps (the script's story)
-                step += 1
+                ...  # D and G steps (the script's story); step += 1
                 run.end_step(step, loss_d=loss_d, ...)  # log, sample + checkpoint, evaluate: as scheduled
-        return run.finish()                  # final evaluation, plots, interpolation, predictions, summary
+        return run.finish()  # final evaluation, plots, interpolation, predictions, summary
 
-    `sample(z, y)` returns G's images for noise z (and labels y) with G in eval mode. Its parts: the checkpoint
-    and --out functions (part 1), StopSignals, Processes (torchrun: `distribute`, `randn`, `rand`, `randint`
-    and `per_process` are theirs), Watchers and MetricsLog."""
+    `sample(z, y)`: G's images for noise z (and labels y), G in eval mode. Parts: part 1's checkpoint and --out
+    functions, StopSignals, Processes (`distribute`, `randn`, `rand`, `randint`, `per_process`), Watchers, MetricsLog."""
 
     def __init__(self, args, script):
         args, self.state = resume(args, script)
         self.procs = Processes(args)
         self.rank, self.world, self.device = self.procs.rank, self.procs.world, self.procs.device
-        self.amp_dtype, self.precision = precision(self.device, not args.no_amp)
-        if self.device.type == "cuda":  # cuDNN convolutions default to TF32 on Ampere: --no-amp means float32
-            torch.backends.cudnn.allow_tf32 = not args.no_amp
-        self.fused = self.device.type == "cuda"  # fused Adam: one kernel per step for all parameters
-        # channels_last (NHWC) for conv networks and batches: 1.1-2x more images/s on this project's CPU
-        # (docs/results.md, Speed) and the layout tensor cores want on CUDA; MPS keeps the default layout.
-        self.memory_format = torch.channels_last if self.device.type in ("cpu", "cuda") else torch.contiguous_format
+        self.amp_dtype, self.precision, self.fused, self.memory_format = device_settings(self.device, args.no_amp)
         args.image_size = args.image_size or NATIVE_SIZE[args.dataset]
         if args.out is None:
             args.out = str(Path("runs") / f"{script}-{args.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -1901,11 +1923,7 @@ class Run:
         """Remember what checkpoint.pt holds (models, optimisers, schedulers: anything with a state_dict);
         with --resume, load their states and the RNG states. Returns the data stream at the run's position."""
         self.data, self.objects = data, objects
-        nets = [m for obj in objects.values() if isinstance(obj, nn.Module) for m in obj.modules()]
-        if any(isinstance(m, nn.BatchNorm1d) for m in nets) and self.args.batch_size // self.world < 2:
-            # a BatchNorm1d's training statistics over one image are undefined (torch raises deep in the forward)
-            raise UsageError(f"--batch-size {self.args.batch_size}: {self.script}'s networks have BatchNorm1d layers, "
-                             f"which train on at least 2 images per process (--batch-size {2 * self.world} or more)")
+        check_batch_norm_1d(objects, self.args.batch_size, self.world, self.script)
         position = 0
         if self.state is not None:
             load_states(objects, self.state, self.args.resume, self.script)
@@ -1943,13 +1961,7 @@ class Run:
         has won; None for a critic's loss, which has no floor (Wasserstein)."""
         self.total, self.sample, self.panels, self.num_classes = total, sample, panels, num_classes
         self.latent_dim = latent_dim
-        # The sample grid's noise comes from its own generator: drawing it shifts no training stream.
-        g = torch.Generator(self.device).manual_seed(self.args.seed + 4)
-        if num_classes:  # one row per class, the same z in each column
-            self.fixed_z = self.noise(10, g).repeat(num_classes, 1)
-            self.fixed_y = torch.arange(num_classes, device=self.device).repeat_interleave(10)
-        else:
-            self.fixed_z, self.fixed_y = self.noise(64, g), None
+        self.fixed_z, self.fixed_y = grid_noise(self.noise, self.args.seed + 4, num_classes, self.device)
         if self.state is not None:
             self.fixed_z = self.state["fixed_z"].to(self.device)
         self.watch = Watchers(self.script, self.args, self.log, d_loss_floor, None, self.fixed_y, self.rank)
@@ -1957,19 +1969,7 @@ class Run:
         self.logfile = MetricsLog(self.dir / "metrics.jsonl", self.script, self.batches, total, max_seconds, self.step,
                                   self.rank)
         if self.rank == 0:  # rank 0 alone evaluates and writes
-            self.watch.real_spread = real_spread(self.data, self.args.seed + 5, bool(num_classes))
-            self.evaluator = Evaluator(self.data, self.args.data_root, self.device, self.args.eval_samples,
-                                       self.args.seed, self.args.eval_real, self.args.inception_weights)
-            resolved = {"device": str(self.device), "precision": self.precision, "torch": torch.__version__,
-                        "data": self.data.where}
-            try:
-                prepare_out_dir(self.dir, self.args, self.state, self.step, resolved)
-            except OSError as e:
-                self._cannot_write(e)
-            if self.world > 1:
-                print(f"{self.script}: {self.world} processes ({self.device.type}, "
-                      f"{'SyncBatchNorm' if self.procs.sync_bn else 'BatchNorm statistics per process'}), "
-                      f"{self.batches.local} images per process of each --batch-size {self.args.batch_size}", flush=True)
+            start_rank0(self)
         return self.step
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -1978,7 +1978,7 @@ class Run:
             try:
                 self._save()
             except OSError as e:
-                self._cannot_write(e)
+                cannot_write(self, e)
         if self.world > 1:  # the clocks start together: not while rank 0 still trains its evaluation classifier
             dist.barrier()
         self.logfile.restart(self.step)
@@ -1992,14 +1992,7 @@ class Run:
         if self.world > 1 and step % self.args.log_every:  # processes agree on the clock and signals at log steps
             return False
         timed_out = self.logfile.max_seconds is not None and self.logfile.elapsed() >= self.logfile.max_seconds
-        if self.world == 1:
-            return bool(self.signals.caught) or timed_out
-        # one process's clock or signal (on its machine) stops them all, for the same reason. From locals: a signal
-        # handled during the all-reduce must neither be overwritten by the agreed 0 nor stop this process alone
-        # (it is agreed on at the next log step)
-        caught, timed_out = self.procs.agree(self.signals.caught, timed_out)
-        self.signals.caught = self.signals.caught or int(caught)
-        return bool(caught) or bool(timed_out)
+        return self.procs.stop(self.signals, timed_out)
 
     def end_step(self, step, **stats):
         """After each generator step: collect the step's statistics (tensors, left on the device), then log,
@@ -2035,73 +2028,105 @@ class Run:
         if self.rank == 0:
             self.logfile.write(self.step, record, rate)
 
-    def _save(self, grid=True):
-        """checkpoint.pt (everything needed to continue exactly) and, with `grid`, the sample grid of this step."""
-        with self.logfile.pause():
-            if self.step > 0:  # never overwrite the last good checkpoint with a diverged model
-                check_weights(self.objects, self.step)
-            d = self.data
-            save_checkpoint(self.dir / "checkpoint.pt", {
-                "script": self.script, "args": flags(self.args), "step": self.step, "position": self.batches.position,
-                "data": {"channels": d.channels, "image_size": d.image_size, "num_classes": d.num_classes,
-                         "conditional": bool(self.num_classes)},
-                "rng": rng_state(self.device), "fixed_z": self.fixed_z,
-                **{k: v.state_dict() for k, v in self.objects.items()}})
-            self.saved_step, self._t_saved = self.step, time.time()
-            if grid:
-                images = self.sample(self.fixed_z, self.fixed_y)
-                save_grid(images, self.dir / "samples" / f"step_{self.step:07d}.png", nrow=10 if self.num_classes else 8)
-                if self.step > 0:
-                    self.watch.grid(self.step, images)
+    def _save(self, grid=True):  # see save_run
+        save_run(self, grid)
 
     def _evaluate(self):
+        def sample_n(n, generator):
+            y = balanced_labels(n, self.num_classes, self.device) if self.num_classes else None
+            return self.sample(self.noise(n, generator), y), y
         with self.logfile.pause():
-            def sample_n(n, generator):
-                y = balanced_labels(n, self.num_classes, self.device) if self.num_classes else None
-                return self.sample(self.noise(n, generator), y), y
             self.metrics, self._eval_step = self.evaluator(sample_n), self.step
             if self.metrics:
                 self.log(self.metrics)
         return self.metrics
 
-    def _cannot_write(self, e):
-        """A file operation failed (a full disk, a quota, a read-only file system): one line, exit 1. The checkpoint
-        on disk is the last one saved in full (save_checkpoint replaces it only by a complete file)."""
-        self.signals.restore()
-        kept = (f"last good checkpoint: {self.dir / 'checkpoint.pt'} (step {self.saved_step})"
-                if self.saved_step is not None else "no checkpoint was saved")
-        print(f"{self.script}.py: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}; stopped at "
-              f"step {self.step}, {kept}", file=sys.stderr)
-        raise SystemExit(1) from None
-
     def __exit__(self, kind, err, tb):
-        try:
-            return end_run(self, kind, err)
-        finally:  # only now: a repeated SIGTERM during the final save must not kill it
-            self.signals.restore()
-
-    def _plots(self):
-        plot_metrics(self.dir / "metrics.jsonl", self.dir / "losses.png", self.panels)
-        plot_class_histogram(self.dir / "metrics.jsonl", self.dir / "class_histogram.png",
-                             CLASS_NAMES.get(self.args.dataset))
-        make_gif(self.dir / "samples", self.dir / "progress.gif")
+        return end_run(self, kind, err)
 
     def finish(self):
         """Final evaluation (unless this step was just evaluated), plots, interpolation.png, predictions.png
         (MNIST-like data), and the one-line summary. Returns the run directory. Rank 0 only. The checkpoint of the
         last step is already saved (`__exit__`)."""
-        if self.rank:
-            return self.dir
-        try:
-            return finish_run(self)
-        except OSError as e:
-            self._cannot_write(e)
+        return finish_run(self) if self.rank == 0 else self.dir
+
+
+def save_run(run, grid=True):
+    """checkpoint.pt (everything needed to continue exactly) and, with `grid`, the sample grid of this step."""
+    with run.logfile.pause():
+        if run.step > 0:  # never overwrite the last good checkpoint with a diverged model
+            check_weights(run.objects, run.step)
+        d = run.data
+        save_checkpoint(run.dir / "checkpoint.pt", {
+            "script": run.script, "args": flags(run.args), "step": run.step, "position": run.batches.position,
+            "data": {"channels": d.channels, "image_size": d.image_size, "num_classes": d.num_classes,
+                     "conditional": bool(run.num_classes)},
+            "rng": rng_state(run.device), "fixed_z": run.fixed_z,
+            **{k: v.state_dict() for k, v in run.objects.items()}})
+        run.saved_step, run._t_saved = run.step, time.time()
+        if grid:
+            images = run.sample(run.fixed_z, run.fixed_y)
+            save_grid(images, run.dir / "samples" / f"step_{run.step:07d}.png", nrow=10 if run.num_classes else 8)
+            if run.step > 0:
+                run.watch.grid(run.step, images)
+
+
+def start_rank0(run):
+    """Run.start's part for rank 0: the look-alike yardstick, the evaluator, --out's files."""
+    run.watch.real_spread = real_spread(run.data, run.args.seed + 5, bool(run.num_classes))
+    run.evaluator = Evaluator(run.data, run.args.data_root, run.device, run.args.eval_samples, run.args.seed, run.args.eval_real,
+                              run.args.inception_weights)
+    resolved = {"device": str(run.device), "precision": run.precision, "torch": torch.__version__,
+                "data": run.data.where}
+    try:
+        prepare_out_dir(run.dir, run.args, run.state, run.step, resolved)
+    except OSError as e:
+        cannot_write(run, e)
+    if run.world > 1:
+        print(f"{run.script}: {run.world} processes ({run.device.type}, "
+              f"{'SyncBatchNorm' if run.procs.sync_bn else 'BatchNorm statistics per process'}), "
+              f"{run.batches.local} images per process of each --batch-size {run.args.batch_size}", flush=True)
+
+
+def cannot_write(run, e):
+    """A file operation failed (a full disk, a quota, a read-only file system): one line, exit 1. The checkpoint
+    on disk is the last one saved in full (save_checkpoint replaces it only by a complete file)."""
+    run.signals.restore()
+    kept = (f"last good checkpoint: {run.dir / 'checkpoint.pt'} (step {run.saved_step})"
+            if run.saved_step is not None else "no checkpoint was saved")
+    print(f"{run.script}.py: error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}; stopped at "
+          f"step {run.step}, {kept}", file=sys.stderr)
+    raise SystemExit(1) from None
+
+
+def plot_run(run):
+    plot_metrics(run.dir / "metrics.jsonl", run.dir / "losses.png", run.panels)
+    plot_class_histogram(run.dir / "metrics.jsonl", run.dir / "class_histogram.png",
+                         CLASS_NAMES.get(run.args.dataset))
+    make_gif(run.dir / "samples", run.dir / "progress.gif")
+
+
+def grid_noise(noise, seed, num_classes, device):
+    """The sample grids' (z, y): 64 noises, or one row of the same 10 per class. From their own generator: drawing
+    them shifts no training stream."""
+    g = torch.Generator(device).manual_seed(seed)
+    if not num_classes:
+        return noise(64, g), None
+    return noise(10, g).repeat(num_classes, 1), torch.arange(num_classes, device=device).repeat_interleave(10)
 
 
 def end_run(run, kind, err):
     """How the loop ended decides what happens (Run.__exit__): after the last step, the last statistics and the
     checkpoint of the last step; after a signal, that too, then exit 128 + its number; on NaN, the last good
-    checkpoint stays and the run exits 1; on a failed write, one line and exit 1."""
+    checkpoint stays and the run exits 1; on a failed write, one line and exit 1. The signal handlers are restored
+    only at the end: a repeated SIGTERM during the final save must not kill it."""
+    try:
+        return _end_run(run, kind, err)
+    finally:
+        run.signals.restore()
+
+
+def _end_run(run, kind, err):
     if run.logfile.tty:
         print()
     if kind is not None and run.signals.caught and run.world > 1 and not issubclass(kind, (Diverged, OSError)):
@@ -2130,28 +2155,35 @@ def end_run(run, kind, err):
         if kind is Diverged and run.rank:
             raise SystemExit(1) from None
         if kind is Diverged:
-            run._plots()
+            plot_run(run)
             print(f"{run.script}.py: error: {err}; stopped. Last good checkpoint: {run.dir / 'checkpoint.pt'} "
                   f"(step {run.saved_step})", file=sys.stderr)
             raise SystemExit(1) from None
         if kind is None and run.signals.caught:
             if run.rank == 0:
-                run._plots()
+                plot_run(run)
                 print(f"{run.script}.py: interrupted at step {run.step} by {run.signals.name}; checkpoint and plots "
                       f"in {run.dir} (continue: the same command with --resume auto, or --resume "
                       f"{run.dir / 'checkpoint.pt'})", file=sys.stderr)
             raise SystemExit(128 + run.signals.caught)
     except OSError as e:
         if run.rank == 0:
-            run._cannot_write(e)
+            cannot_write(run, e)
         raise
     return False
 
 
 def finish_run(run):
-    """Run.finish: the final evaluation, plots and figures, and the summary line."""
+    """Run.finish: the final evaluation, plots and figures, and the summary line; a failed write is one line."""
+    try:
+        return _finish_run(run)
+    except OSError as e:
+        cannot_write(run, e)
+
+
+def _finish_run(run):
     metrics = run.metrics if run._eval_step == run.step else run._evaluate()
-    run._plots()
+    plot_run(run)
     g = torch.Generator(run.device).manual_seed(run.args.seed + 3)
     rows = run.num_classes or 8  # conditional: one class per row
     z0, z1 = run.noise(rows, g), run.noise(rows, g)
