@@ -120,7 +120,7 @@ class Discriminator(nn.Module):
         cin = channels + (num_classes if d_cond == "concat" else 0)
         # dcgan.py's D, with the same rule for biases: a bias is redundant only where a BatchNorm follows to
         # absorb it. So the first conv and psi always have one (without them the projection recipe collapsed at
-        # seed 0 on MNIST: issue 21), and the middle convs have one when spectral norm drops BatchNorm (Miyato
+        # seed 0 on MNIST: docs/seeds.md), and the middle convs have one when spectral norm drops BatchNorm (Miyato
         # et al. 2018's D has biases).
         bias = not batchnorm
         ch = width

@@ -1,19 +1,29 @@
 """Shared mechanics for the GAN scripts: data, spectral norm, evaluation, run bookkeeping.
 
-Nothing here is a model's story (networks, losses and the training loop's body live in each
-script). This file holds what every script does in the same way:
+Nothing here is a model's story (networks, losses and the loop's body live in each script). The sections, in
+file order, each readable alone; what the scripts call is named, the rest serves it:
 
-  command line  ArgumentParser, add_common_args, the argparse types    one-line errors, exit code 2
-  data          load_dataset / Batches     a dataset as one uint8 tensor (in memory, or a memory map of its decoded
-                                           cache: celeba, folder, stl10), batched by indexing onto the device
-  networks      conv_plan, spectral_norm   DCGAN's size arithmetic; torch's SN with a chosen number of iterations
-  evaluation    Evaluator, score           classifier-IS/FID for MNIST-like data; torch-fidelity's IS/FID/KID for RGB
-                inception_score, frechet_distance, feature_stats   the mathematics, tested on known inputs
-  devices       pick_device, precision     CUDA/MPS/CPU, and bf16 autocast only where the hardware computes bf16
-  processes     distributed_env, Run.distribute   torchrun: one device per process, DDP, rank 0 writes
-  a run         Run                        --resume, the run directory, the log/sample/evaluate schedule, Ctrl-C,
-                                           NaN, checkpoints, and the finish (final evaluation, plots, figures)
-  pictures      save_grid, make_gif, plot_metrics, save_predictions, interpolate;  generate (--generate)
+  1 command line   ArgumentParser, add_common_args, refuse_unused, the argparse types (positive_int, ...),
+                   fail: bad input is one line and exit 2                                     every script
+  2 data           load_dataset, data_options -> ImageData (uint8 images on the device, or a memory map of
+                   the decoded cache for celeba, folder, stl10); Batches: the batches, by indexing  every script
+  3 networks       conv_plan (DCGAN's size arithmetic)                                        every script
+                   spectral_norm (torch's, with a chosen number of power iterations)   cgan, sngan, sagan
+  4 evaluation     Evaluator: classifier-IS/FID for MNIST-like data, torch-fidelity's IS/FID/KID for RGB;
+                   inception_score, frechet_distance: the mathematics       through Run; `score` below
+  5 devices        pick_device, precision, device_settings: CUDA/MPS/CPU, bf16 only where it computes fast
+  6 a run          Run: the face the scripts use (Run(args, script), restore, start, the `with run:` loop's
+                   should_stop and end_step, finish); inside it, parts of one job each:    every script
+                   part 1 checkpoints and --out (atomic writes, resume's loading)
+                   part 2 StopSignals: Ctrl-C, SIGTERM, SIGUSR1 end the loop after its step
+                   part 3 Processes: torchrun's devices, shares of each batch, agreement on stopping
+                   part 4 Watchers: NaN stops the run; D's win and look-alike samples are said once
+                   part 5 Meter, MetricsLog: statistics, metrics.jsonl, the progress line
+                   part 6 Run, and what it calls: saving, evaluating, the loop's end and the finish
+                   EMA (an average of G's weights)                                       sngan, sagan
+                   generate: --generate N from a checkpoint                               every script
+  7 pictures       save_grid, make_gif, plot_metrics, save_predictions, interpolate, write_generated
+                   (infogan and sagan draw their own figures with some of these)
 
 Run `python common.py --dataset fashion-mnist` to train and cache the evaluation classifier
 (the scripts do it on first use otherwise) and print its test accuracy, and
@@ -66,7 +76,7 @@ def fail(prog, err):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: the flags of every script, typed so that bad values stop at parsing
+# 1 Command line: the flags of every script, typed so that bad values stop at parsing
 # ----------------------------------------------------------------------------------------------
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -251,7 +261,7 @@ def resume(args, script):
 
 
 # ----------------------------------------------------------------------------------------------
-# Data
+# 2 Data
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -963,7 +973,7 @@ def balanced_labels(n, num_classes, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Networks: DCGAN's size arithmetic and spectral normalisation (Miyato et al. 2018)
+# 3 Networks: DCGAN's size arithmetic and spectral normalisation (Miyato et al. 2018)
 # ----------------------------------------------------------------------------------------------
 
 def conv_plan(image_size, arch="--arch dcgan", smallest=3):
@@ -999,7 +1009,7 @@ def _forward_in_float32(self, weight):
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: Inception Score, FID, and a classifier for MNIST-like data
+# 4 Evaluation: Inception Score, FID, and a classifier for MNIST-like data
 # ----------------------------------------------------------------------------------------------
 
 def inception_score(probs, splits=10, generator=None):
@@ -1280,7 +1290,7 @@ class Evaluator:
 
 
 # ----------------------------------------------------------------------------------------------
-# Devices, precision and random streams
+# 5 Devices, precision and random streams
 # ----------------------------------------------------------------------------------------------
 
 def pick_device(name="auto", local_rank=None):
@@ -1426,7 +1436,7 @@ def set_rng_state(state, device="cpu"):
 
 
 # ----------------------------------------------------------------------------------------------
-# A run, part 1: checkpoints (written atomically) and the run directory
+# 6 A run, part 1: checkpoints (written atomically) and the run directory
 # ----------------------------------------------------------------------------------------------
 
 def save_checkpoint(path, state):
@@ -1563,7 +1573,7 @@ def prepare_out_dir(out, args, state, step, resolved):
 
 
 # ----------------------------------------------------------------------------------------------
-# A run, part 2: signals that stop it
+# 6 A run, part 2: signals that stop it
 # ----------------------------------------------------------------------------------------------
 
 # Ctrl-C, and the signals schedulers send before they end a job (SLURM, Kubernetes and torchrun: SIGTERM; SLURM's
@@ -1604,7 +1614,7 @@ class StopSignals:
 
 
 # ----------------------------------------------------------------------------------------------
-# A run, part 3: torchrun's processes (one device each), their shares and their agreement
+# 6 A run, part 3: torchrun's processes (one device each), their shares and their agreement
 # ----------------------------------------------------------------------------------------------
 
 class Processes:
@@ -1678,7 +1688,7 @@ class Processes:
 
 
 # ----------------------------------------------------------------------------------------------
-# A run, part 4: watchers. NaN stops the run; D's win and look-alike samples are said once
+# 6 A run, part 4: watchers. NaN stops the run; D's win and look-alike samples are said once
 # ----------------------------------------------------------------------------------------------
 
 def check_finite(step, stats):
@@ -1793,7 +1803,7 @@ class Watchers:
 
 
 # ----------------------------------------------------------------------------------------------
-# A run, part 5: statistics, metrics.jsonl and the progress line
+# 6 A run, part 5: statistics, metrics.jsonl and the progress line
 # ----------------------------------------------------------------------------------------------
 
 class Meter:
@@ -1884,7 +1894,7 @@ class MetricsLog:
 
 
 # ----------------------------------------------------------------------------------------------
-# A run, part 6: Run, which the scripts use; its finish; --generate
+# 6 A run, part 6: Run, which the scripts use; its finish; --generate
 # ----------------------------------------------------------------------------------------------
 
 class Run:
@@ -1976,7 +1986,7 @@ class Run:
     def __enter__(self):
         if self.state is None and self.rank == 0:
             try:
-                self._save()
+                save_run(self)
             except OSError as e:
                 cannot_write(self, e)
         if self.world > 1:  # the clocks start together: not while rank 0 still trains its evaluation classifier
@@ -2013,9 +2023,9 @@ class Run:
         if self.rank:  # the others go on training while rank 0 saves and evaluates
             return
         if sample or timed:
-            self._save(grid=sample)
+            save_run(self, grid=sample)
         if self.args.eval_every and step % self.args.eval_every == 0 and step < self.total:
-            self._evaluate()
+            evaluate_run(self)
 
     def _log_stats(self):
         stats = self.meter.read(self.world)  # the one host sync of a log step (averaged over the processes)
@@ -2028,19 +2038,6 @@ class Run:
         if self.rank == 0:
             self.logfile.write(self.step, record, rate)
 
-    def _save(self, grid=True):  # see save_run
-        save_run(self, grid)
-
-    def _evaluate(self):
-        def sample_n(n, generator):
-            y = balanced_labels(n, self.num_classes, self.device) if self.num_classes else None
-            return self.sample(self.noise(n, generator), y), y
-        with self.logfile.pause():
-            self.metrics, self._eval_step = self.evaluator(sample_n), self.step
-            if self.metrics:
-                self.log(self.metrics)
-        return self.metrics
-
     def __exit__(self, kind, err, tb):
         return end_run(self, kind, err)
 
@@ -2049,6 +2046,18 @@ class Run:
         (MNIST-like data), and the one-line summary. Returns the run directory. Rank 0 only. The checkpoint of the
         last step is already saved (`__exit__`)."""
         return finish_run(self) if self.rank == 0 else self.dir
+
+
+def evaluate_run(run):
+    """The evaluator's metrics of G now, logged (the time it takes is not training time)."""
+    def sample_n(n, generator):
+        y = balanced_labels(n, run.num_classes, run.device) if run.num_classes else None
+        return run.sample(run.noise(n, generator), y), y
+    with run.logfile.pause():
+        run.metrics, run._eval_step = run.evaluator(sample_n), run.step
+        if run.metrics:
+            run.log(run.metrics)
+    return run.metrics
 
 
 def save_run(run, grid=True):
@@ -2149,7 +2158,7 @@ def _end_run(run, kind, err):
         if kind is None:
             try:
                 if run.step != run.saved_step and run.rank == 0:
-                    run._save()  # first: what comes after (evaluation, figures) may be cut short
+                    save_run(run)  # first: what comes after (evaluation, figures) may be cut short
             except Diverged as e:
                 kind, err = Diverged, e
         if kind is Diverged and run.rank:
@@ -2182,7 +2191,7 @@ def finish_run(run):
 
 
 def _finish_run(run):
-    metrics = run.metrics if run._eval_step == run.step else run._evaluate()
+    metrics = run.metrics if run._eval_step == run.step else evaluate_run(run)
     plot_run(run)
     g = torch.Generator(run.device).manual_seed(run.args.seed + 3)
     rows = run.num_classes or 8  # conditional: one class per row
@@ -2292,7 +2301,7 @@ def generate(args, script, load_sampler, noise_dim=None, num_labels=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# Pictures and files (matplotlib's Figure API: never switches the backend of a notebook that imports us)
+# 7 Pictures and files (matplotlib's Figure API: never switches the backend of a notebook that imports us)
 # ----------------------------------------------------------------------------------------------
 
 def save_grid(images, path, nrow=8):

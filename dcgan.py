@@ -85,7 +85,7 @@ class Generator(nn.Module):
                        nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
             ch //= 2
         # (C, size, size); no BN at the output. No bias either, as in the DCGAN authors' G, although no BN follows:
-        # D's rule for biases below comes from a D that won (issue 21); a bias here has not been measured.
+        # D's rule for biases below comes from a D that won without them; a bias here has not been measured.
         layers += [nn.ConvTranspose2d(ch, channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
@@ -103,7 +103,7 @@ class Discriminator(nn.Module):
         ch = width
         # A bias is redundant only where a BatchNorm follows (its mean subtraction removes it): so the first conv
         # and the output keep theirs. Without them the cgan projection recipe collapsed at seed 0 on MNIST (D's loss
-        # 3e-7, every sample one blob; issue 21). A deviation: the DCGAN authors' D has no biases in these layers.
+        # 3e-7, every sample one blob; docs/seeds.md). A deviation: the DCGAN authors' D has no biases in these layers.
         layers = [nn.Conv2d(channels, ch, 4, 2, 1),  # (w, size/2, size/2); no BN on the input layer (Sec. 3)
                   nn.LeakyReLU(0.2, True), *drop]
         for _ in range(n - 1):

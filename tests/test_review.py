@@ -527,9 +527,9 @@ def test_a_failing_first_save_leaves_ctrl_c_alone(tmp_path, data_root, monkeypat
 
     before = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
 
-    def broken_save(self, grid=True):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self.dir / "checkpoint.pt"))
-    monkeypatch.setattr(common.Run, "_save", broken_save)
+    def broken_save(run, grid=True):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run.dir / "checkpoint.pt"))
+    monkeypatch.setattr(common, "save_run", broken_save)
     with pytest.raises(SystemExit) as stop:
         dcgan.main([str(a) for a in TINY + ["--max-steps", "2", "--data-root", data_root, "--out", tmp_path / "r"]])
     assert stop.value.code == 1
