@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import gzip
 import inspect
+import io
 import json
 import math
 import os
@@ -70,7 +71,12 @@ class Diverged(Exception):
 
 
 def fail(prog, err):
-    """Print `prog: error: message` on stderr and exit with 2 (argparse's convention)."""
+    """Print `prog: error: message` on stderr and exit with 2 (argparse's convention); a Stopped run says how it
+    stopped and exits with 128 + the signal's number. Either way the run's signal handlers are put back."""
+    StopSignals.restore_all()
+    if isinstance(err, Stopped):
+        print(f"{prog}: {err}", file=sys.stderr)
+        raise SystemExit(128 + err.signum)
     print(f"{prog}: error: {err}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -1441,12 +1447,16 @@ def set_rng_state(state, device="cpu"):
 
 def save_checkpoint(path, state):
     """Write atomically: a temp file of this process, flushed to disk, then renamed over the old file,
-    so a crash or power cut mid-save keeps the previous file."""
+    so a crash or power cut mid-save keeps the previous file. torch serialises into memory and Python writes the
+    file: a full disk or a file-size limit is then an OSError that names its cause (torch.save into a file turns
+    it into a RuntimeError about stream positions)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1581,22 +1591,39 @@ def prepare_out_dir(out, args, state, step, resolved):
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
 
 
+class Stopped(BaseException):
+    """A stop signal before the training loop began (while the data is decoded or the evaluation classifier trains):
+    the work in progress is left as it is (a cache build continues next time), the script says so in one line and
+    exits with 128 + the signal's number. A BaseException, as KeyboardInterrupt: no `except Exception` swallows it."""
+
+    def __init__(self, signum, what="before training began"):
+        super().__init__(f"stopped by {signal.Signals(signum).name} {what}")
+        self.signum = signum
+
+
 class StopSignals:
-    """While installed, a stop signal only sets `caught` (its number): the loop finishes its step, the run saves its
+    """Installed from the run's first moment. Before the loop (`raising`), a stop signal raises Stopped where the
+    program is; in the loop it only sets `caught` (its number): the loop finishes its step, the run saves its
     checkpoint and exits with 128 + the number (130, 143, 138), the shell's code for "ended by that signal"."""
 
+    installed = []  # of every process: fail() restores them
+
     def __init__(self):
-        self.caught, self._old = 0, {}
+        self.caught, self._old, self.raising = 0, {}, True
 
     def install(self):
         try:
             for sig in STOP_SIGNALS:
                 self._old[sig] = signal.signal(sig, self._on_signal)
+            StopSignals.installed.append(self)
         except ValueError:  # not the main thread: leave the signals alone
             self.restore()
 
     def _on_signal(self, signum, frame):
+        first = not self.caught
         self.caught = self.caught or signum
+        if self.raising and first:
+            raise Stopped(signum)
         # A second Ctrl-C ends the process as it would without us (KeyboardInterrupt): the user typed it twice.
         # SIGTERM and SIGUSR1 may arrive twice by design (SLURM signals every process of a job step and torchrun
         # forwards the same signal again): a repeat is ignored; a scheduler follows its grace time with SIGKILL.
@@ -1604,9 +1631,16 @@ class StopSignals:
             signal.signal(signum, signal.default_int_handler)
 
     def restore(self):
-        for sig, handler in self._old.items():  # also after an error: a notebook's next Ctrl-C must work
+        for sig, handler in reversed(self._old.items()):  # also after an error: a notebook's next Ctrl-C must work
             signal.signal(sig, handler)
         self._old = {}
+        if self in StopSignals.installed:
+            StopSignals.installed.remove(self)
+
+    @staticmethod
+    def restore_all():
+        for s in reversed(StopSignals.installed):
+            s.restore()
 
     @property
     def name(self):
@@ -1923,11 +1957,13 @@ class Run:
         self.args, self.script, self.dir = args, script, Path(args.out)
         self.step = self.state["step"] if self.state else 0
         self.saved_step = self.step if self.state else None  # the checkpoint on disk
-        self.metrics, self._eval_step, self.meter, self.signals = {}, None, Meter(), StopSignals()
+        self.metrics, self._eval_step, self.meter = {}, None, Meter()
         error = self.procs.from_rank0(out_dir_problem(self.dir, args, self.state) if self.rank == 0 else None)
         if error:  # in every process, not only rank 0
             raise UsageError(error)
         seed_everything(args.seed)  # the same in every process: the same initial networks
+        self.signals = StopSignals()
+        self.signals.install()  # from here: a scheduler's SIGTERM may come while the data is decoded
 
     def restore(self, data, **objects):
         """Remember what checkpoint.pt holds (models, optimisers, schedulers: anything with a state_dict);
@@ -1984,6 +2020,7 @@ class Run:
 
     # -- the loop ---------------------------------------------------------------------------------
     def __enter__(self):
+        self.signals.raising = False  # from here a signal ends the loop after its step, with a checkpoint
         if self.state is None and self.rank == 0:
             try:
                 save_run(self)
@@ -1993,7 +2030,6 @@ class Run:
             dist.barrier()
         self.logfile.restart(self.step)
         self._t_saved = time.time()
-        self.signals.install()
         return self
 
     def should_stop(self, step):

@@ -263,7 +263,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return generate(args) if args.generate else train(args)
-    except common.UsageError as e:
+    except (common.UsageError, common.Stopped) as e:
         common.fail(f"{SCRIPT}.py", e)
 
 
