@@ -38,6 +38,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -70,10 +71,26 @@ class Diverged(Exception):
     """Training produced NaN/inf: the scripts stop, keep the last good checkpoint, exit 1."""
 
 
+def out_of_memory(err):
+    """For an allocation that failed (a --width or --batch-size too large for the device), a line that names its
+    size and the flags that set it; else None. torch's CPU allocator raises a plain RuntimeError."""
+    text = str(err)
+    if not (isinstance(err, MemoryError) or "out of memory" in text.lower() or "can't allocate memory" in text):
+        return None
+    n = re.search(r"allocate (\d+) bytes", text)  # the CPU allocator's words; CUDA and MPS say "1.20 GiB"
+    size = f"{int(n[1]) / 2**30:,.1f} GiB" if n else (re.findall(r"allocate ([\d.]+ [KMGT]i?B)", text) or ["memory"])[0]
+    return f"cannot allocate {size}: the networks (--width) or a batch (--batch-size, --image-size) are too large here"
+
+
 def fail(prog, err):
     """Print `prog: error: message` on stderr and exit with 2 (argparse's convention); a Stopped run says how it
-    stopped and exits with 128 + the signal's number. Either way the run's signal handlers are put back."""
+    stopped and exits with 128 + the signal's number. Either way the run's signal handlers are put back. Any other
+    RuntimeError is a bug, raised again with its traceback."""
     StopSignals.restore_all()
+    if isinstance(err, (RuntimeError, MemoryError)):
+        if out_of_memory(err) is None:
+            raise err
+        err = out_of_memory(err)
     if isinstance(err, Stopped):
         print(f"{prog}: {err}", file=sys.stderr)
         raise SystemExit(128 + err.signum)
@@ -127,6 +144,7 @@ positive_float = _number(float, lambda v: v > 0, "> 0")
 nonneg_float = _number(float, lambda v: v >= 0, ">= 0")
 unit_float = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # Adam's betas, dropout
 open_unit_float = _number(float, lambda v: 0 < v < 1, "in (0, 1)")  # EMA decay
+seed_int = _number(int, lambda v: abs(v) <= 2**62, "between -2**62 and 2**62")  # torch takes 64 bits; we add to it
 eval_count = _number(int, lambda v: v >= MIN_EVAL_IMAGES,
                      f"at least {MIN_EVAL_IMAGES} (IS's 10 splits need one image each, FID's covariance two)")
 
@@ -163,7 +181,7 @@ def add_common_args(p, script):
                    help="stop after this many iterations (the logs' `step`: each has the script's D steps and G steps)")
     g.add_argument("--max-minutes", type=positive_float, default=None,
                    help="stop after this much training-loop wall time (data loading not counted)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=seed_int, default=0,
                    help="seed of every random draw (torch only); the same run for any number of torchrun processes")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="auto: CUDA if present, else MPS, else CPU")
@@ -200,6 +218,9 @@ def add_common_args(p, script):
                    help="continue from a checkpoint.pt with its settings; only the length, device, output and "
                         "logging flags you type may change them. auto: continue the run in --out if it holds a "
                         "checkpoint, else start it (one command for a job's first submission and every requeue)")
+    g.add_argument("--allow-changed-data", action="store_true",
+                   help="let --resume continue on data that differs from the checkpoint's (images added or removed); "
+                        "refused otherwise, since the run would silently train on other data")
     g.add_argument("--checkpoint-minutes", type=nonneg_float, default=30,
                    help="also save checkpoint.pt when this many minutes of wall clock have passed since the last save "
                         "(default 30; 0: only every --sample-every steps), so a node that dies unannounced loses "
@@ -227,22 +248,25 @@ def flags(args):
 RESUMABLE = {"resume", "max_steps", "epochs", "max_minutes", "device", "out", "log_every", "sample_every",
              "eval_every", "eval_samples", "eval_real", "inception_weights", "no_amp", "no_sync_bn", "data_root",
              "overwrite", "generate", "checkpoint", "checkpoint_minutes", "dist_timeout_minutes", "cache_dir",
-             "decode_workers", "data_in_memory"}
+             "decode_workers", "data_in_memory", "allow_changed_data"}
 
 
-def resume(args, script):
+def resume(args, script, procs=None):
     """With --resume: (the checkpoint's settings, overridden by the RESUMABLE flags typed on this command line,
     and the checkpoint). A typed flag that would change the model or its training is refused, unless it repeats the
     checkpoint's value (a requeued job runs its first command again). Without: (args, None).
 
-    --resume auto: --out's checkpoint.pt when it exists (resume), else a fresh run (args.resume becomes None)."""
-    if args.resume == "auto":
+    --resume auto: --out's checkpoint.pt when it exists (resume), else a fresh run (args.resume becomes None). Under
+    torchrun (`procs`), rank 0's look decides for every process: machines may see a shared folder differently."""
+    auto = args.resume == "auto"
+    if auto:
         if not args.out or "out" not in args._typed:
             raise UsageError("--resume auto needs --out DIR: the run to continue, or to start when DIR holds none")
         if args.overwrite:
             raise UsageError("--resume auto and --overwrite exclude each other (a requeued job would replace its own run)")
         found = Path(args.out) / "checkpoint.pt"
-        args.resume = str(found) if found.exists() else None
+        exists = found.exists()
+        args.resume = str(found) if (procs.from_rank0(exists) if procs else exists) else None
         # no checkpoint: nothing was saved (a run saves at step 0), so run files left by a start that failed
         # (a full disk, a kill before the first save) are replaced rather than refused
         args.overwrite = args.resume is None
@@ -262,7 +286,7 @@ def resume(args, script):
     if "out" not in args._typed:  # by default a resumed run goes on in its own directory
         merged["out"] = str(Path(args.resume).parent)
     ns = argparse.Namespace(**merged)
-    ns._typed = args._typed
+    ns._typed, ns._auto = args._typed, auto
     return ns, state
 
 
@@ -344,13 +368,28 @@ def _find_idx(name, root, train):
     return None
 
 
+def _download(attempt, root):
+    """torchvision's download attempt; one that fails leaves no empty folders behind (a refused run writes nothing)."""
+    root = Path(root)
+    made = [p for p in [root, *root.parents] if not p.exists()]
+    before = set(root.iterdir()) if root.is_dir() else set()
+    try:
+        return attempt()
+    except Exception:
+        for p in [*(set(root.iterdir()) - before if root.is_dir() else ()), *made]:
+            if p.is_dir() and not any(q.is_file() for q in p.rglob("*")):
+                import shutil
+                shutil.rmtree(p, ignore_errors=True)
+        raise
+
+
 def _load_mnist_like(name, root, train):
     found = _find_idx(name, root, train)
     if found is None:  # not on disk: let torchvision download into root (works when online)
         import torchvision.datasets as tvd
         cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST}[name]
         try:
-            cls(root, train=train, download=True)
+            _download(lambda: cls(root, train=train, download=True), root)
         except Exception as e:
             raise UsageError(
                 f"{name} not found and could not be downloaded ({type(e).__name__}); put the four "
@@ -380,7 +419,7 @@ def _load_torchvision(name, root, train):
         try:
             parts = make(download=False)
         except Exception:
-            parts = make(download=True)
+            parts = _download(lambda: make(download=True), root)
     except Exception as e:
         raise UsageError(f"{name} not found in {root} and could not be downloaded ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]}); run once online or copy torchvision's "
@@ -528,7 +567,7 @@ def _source(name, root, train):
         if not folder.is_dir():
             import torchvision.datasets as tvd
             try:
-                tvd.CelebA(root, split="all", download=True)
+                _download(lambda: tvd.CelebA(root, split="all", download=True), root)
             except Exception as e:
                 raise UsageError(f"celeba not found and could not be downloaded ({type(e).__name__}); "
                                  f"put the aligned images in {folder}/") from None
@@ -865,6 +904,10 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True,
     # between machines is written once), then the first process of each other machine (its own disk), then the
     # rest, which map or read what was written. After each turn the processes agree whether one failed: then all stop
     # (the failed one with its error, the others in one line), and no later turn retries the download.
+    # The turns wait in a process group of their own, whose timeout is a day, not --dist-timeout-minutes: decoding
+    # a large folder into the cache may take hours, while the others wait.
+    import datetime
+    patient = dist.new_group(timeout=datetime.timedelta(hours=24))
     rank, _, local_rank = distributed_env()
     turn, data, error = 0 if rank == 0 else 1 if local_rank == 0 else 2, None, None
     on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -875,7 +918,7 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True,
             except Exception as e:  # any failure, not only ours: a process leaving the turns would hang the others
                 error = e
         failed = torch.tensor([float(error is not None)], device=on)
-        dist.all_reduce(failed, dist.ReduceOp.MAX)
+        dist.all_reduce(failed, dist.ReduceOp.MAX, group=patient)
         if error is not None:
             raise error
         if failed.item():
@@ -1492,7 +1535,45 @@ def load_checkpoint(path, script):
         raise UsageError(f"{path} is not a checkpoint of these scripts")
     if state["script"] != script:
         raise UsageError(f"checkpoint {path} was written by {state['script']}.py, not {script}.py")
+    bad = non_finite(state)
+    if bad:  # saved runs are checked first (save_run): so the file was damaged after it was written
+        raise UsageError(f"checkpoint {path} is damaged: {bad} holds NaN or inf; resume from an earlier copy")
     return state
+
+
+def non_finite(state, prefix=""):
+    """The name of the first floating-point tensor in a (nested) state that holds NaN or inf, or None."""
+    for k, v in state.items():
+        if isinstance(v, dict):
+            bad = non_finite(v, f"{prefix}{k}.")
+            if bad:
+                return bad
+        elif torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all():
+            return f"{prefix}{k}"
+    return None
+
+
+def data_identity(data):
+    """What identifies a run's data, kept in its checkpoint: a resume on other data is refused (check_same_data)."""
+    import hashlib
+    labels = hashlib.sha256(data.labels.cpu().numpy().tobytes()).hexdigest()[:16]  # each image's class, in order
+    return {"dataset": data.name, "images": len(data), "num_classes": data.num_classes, "labels": labels,
+            "channels": data.channels, "image_size": data.image_size}
+
+
+def check_same_data(saved, now, args):
+    """UsageError when the data differs from the checkpoint's: a class count that changes the networks always, other
+    differences (images added or removed, classes reassigned) unless --allow-changed-data."""
+    keys = [k for k in ("dataset", "images", "num_classes", "labels") if k in saved and saved[k] != now[k]]
+    if not keys:
+        return
+    said = ", ".join(f"{k} {saved[k]} then, {now[k]} now" for k in keys if k != "labels") or "the images' classes differ"
+    if "num_classes" in keys and saved.get("conditional"):
+        raise UsageError(f"--resume: the data changed ({said}) and the networks are built for "
+                         f"{saved['num_classes']} classes: resume on the checkpoint's data, or start a new run")
+    if not args.allow_changed_data:
+        raise UsageError(f"--resume: the data differs from the checkpoint's ({said}); resume on the same data, "
+                         f"or add --allow-changed-data to go on with this data")
 
 
 def load_states(objects, state, path, script):
@@ -1544,7 +1625,7 @@ def out_dir_problem(out, args, state):
     """What is wrong with --out (or --inception-weights) for this run, in words, or None."""
     if args.inception_weights and not Path(args.inception_weights).is_file():
         return f"--inception-weights {args.inception_weights} does not exist"
-    existed = out.exists()
+    made = [p for p in [out, *out.parents] if not p.exists()]  # what mkdir makes (runs/ too), undone if refused
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -1553,8 +1634,8 @@ def out_dir_problem(out, args, state):
         return f"cannot write into --out {out}"
     used = any((out / f).exists() for f in RUN_FILES[:3])
     resuming_here = state is not None and out.resolve() == Path(args.resume).resolve().parent
-    if not existed:  # made again by prepare_out_dir: a run that fails before (bad data, size) leaves no empty folder
-        out.rmdir()
+    for p in made:  # made again by prepare_out_dir: a run that fails before (bad data, size) leaves no empty folder
+        p.rmdir()
     if used and not resuming_here and not args.overwrite:
         return (f"--out {out} already holds a run: choose another --out, continue it with "
                 f"--resume {out / 'checkpoint.pt'}, or replace it with --overwrite")
@@ -1599,6 +1680,10 @@ class Stopped(BaseException):
     def __init__(self, signum, what="before training began"):
         super().__init__(f"stopped by {signal.Signals(signum).name} {what}")
         self.signum = signum
+
+
+# What the scripts' main() turns into one line (fail): bad input, memory that cannot be had, a signal before the loop.
+ENDINGS = (UsageError, RuntimeError, MemoryError, Stopped)
 
 
 class StopSignals:
@@ -1826,6 +1911,14 @@ class Watchers:
               f"collapse). Training goes on; what usually helps: {self.remedies()}", file=sys.stderr, flush=True)
         self.log({"alike": {"spread": ratio}})
 
+    def state_dict(self):  # in the checkpoint: a resumed run neither repeats a verdict nor restarts its count
+        return {"d_window": [list(w) for w in self._d_window], "d_won": self._d_won, "alike": self._alike,
+                "alike_since": self._alike_since}
+
+    def load_state_dict(self, state):
+        self._d_window = [tuple(w) for w in state["d_window"]]
+        self._d_won, self._alike, self._alike_since = state["d_won"], state["alike"], state["alike_since"]
+
     def remedies(self):
         a = self.args
         tries = [f"a lower --lr-d (now {a.lr_d:g})" if "lr_d" in vars(a) else "",
@@ -1947,8 +2040,9 @@ class Run:
     functions, StopSignals, Processes (`distribute`, `randn`, `rand`, `randint`, `per_process`), Watchers, MetricsLog."""
 
     def __init__(self, args, script):
-        args, self.state = resume(args, script)
-        self.procs = Processes(args)
+        procs = Processes(args) if args.resume == "auto" else None  # the command line's device: the original's
+        args, self.state = resume(args, script, procs)
+        self.procs = procs or Processes(args)  # a bare --resume PATH: on the checkpoint's device unless typed
         self.rank, self.world, self.device = self.procs.rank, self.procs.world, self.procs.device
         self.amp_dtype, self.precision, self.fused, self.memory_format = device_settings(self.device, args.no_amp)
         args.image_size = args.image_size or NATIVE_SIZE[args.dataset]
@@ -1968,10 +2062,11 @@ class Run:
     def restore(self, data, **objects):
         """Remember what checkpoint.pt holds (models, optimisers, schedulers: anything with a state_dict);
         with --resume, load their states and the RNG states. Returns the data stream at the run's position."""
-        self.data, self.objects = data, objects
+        self.data, self.objects, self.data_id = data, objects, data_identity(data)
         check_batch_norm_1d(objects, self.args.batch_size, self.world, self.script)
         position = 0
         if self.state is not None:
+            check_same_data(self.state["data"], self.data_id, self.args)
             load_states(objects, self.state, self.args.resume, self.script)
             set_rng_state(self.state["rng"], self.device)  # last: building the networks drew from the RNG
             position = self.state["position"]
@@ -2007,10 +2102,19 @@ class Run:
         has won; None for a critic's loss, which has no floor (Wasserstein)."""
         self.total, self.sample, self.panels, self.num_classes = total, sample, panels, num_classes
         self.latent_dim = latent_dim
+        if self.state is not None and self.args._auto and self.step >= total:  # a requeue of a run that ended
+            if self.rank == 0:
+                print(f"{self.script}: the run in {self.dir} is finished (step {self.step} of {total}); nothing to do")
+            if self.world > 1:
+                dist.destroy_process_group()
+            StopSignals.restore_all()
+            raise SystemExit(0)
         self.fixed_z, self.fixed_y = grid_noise(self.noise, self.args.seed + 4, num_classes, self.device)
         if self.state is not None:
             self.fixed_z = self.state["fixed_z"].to(self.device)
         self.watch = Watchers(self.script, self.args, self.log, d_loss_floor, None, self.fixed_y, self.rank)
+        if self.state is not None and "watch" in self.state:
+            self.watch.load_state_dict(self.state["watch"])
         max_seconds = None if self.args.max_minutes is None else 60 * self.args.max_minutes
         self.logfile = MetricsLog(self.dir / "metrics.jsonl", self.script, self.batches, total, max_seconds, self.step,
                                   self.rank)
@@ -2101,19 +2205,17 @@ def save_run(run, grid=True):
     with run.logfile.pause():
         if run.step > 0:  # never overwrite the last good checkpoint with a diverged model
             check_weights(run.objects, run.step)
-        d = run.data
+        images = run.sample(run.fixed_z, run.fixed_y) if grid else None  # G in eval mode: no training state moves
+        if grid and run.step > 0:
+            run.watch.grid(run.step, images)  # before the checkpoint, which holds the watchers' state
         save_checkpoint(run.dir / "checkpoint.pt", {
             "script": run.script, "args": flags(run.args), "step": run.step, "position": run.batches.position,
-            "data": {"channels": d.channels, "image_size": d.image_size, "num_classes": d.num_classes,
-                     "conditional": bool(run.num_classes)},
-            "rng": rng_state(run.device), "fixed_z": run.fixed_z,
+            "data": {**run.data_id, "conditional": bool(run.num_classes)},
+            "rng": rng_state(run.device), "fixed_z": run.fixed_z, "watch": run.watch.state_dict(),
             **{k: v.state_dict() for k, v in run.objects.items()}})
         run.saved_step, run._t_saved = run.step, time.time()
         if grid:
-            images = run.sample(run.fixed_z, run.fixed_y)
             save_grid(images, run.dir / "samples" / f"step_{run.step:07d}.png", nrow=10 if run.num_classes else 8)
-            if run.step > 0:
-                run.watch.grid(run.step, images)
 
 
 def start_rank0(run):
@@ -2514,7 +2616,7 @@ def score(argv):
     p.add_argument("--inception-weights", type=path_arg, default=None, metavar="PATH",
                    help=f"local copy of {INCEPTION_FILE} (RGB data)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
-    p.add_argument("--seed", type=int, default=0, help="which real images are drawn, and IS's split shuffle")
+    p.add_argument("--seed", type=seed_int, default=0, help="which real images are drawn, and IS's split shuffle")
     args = p.parse_args(argv)
     try:
         if not Path(args.samples).is_file():

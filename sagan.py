@@ -522,7 +522,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return generate(args) if args.generate else train(args)
-    except (common.UsageError, common.Stopped) as e:
+    except common.ENDINGS as e:  # bad input, no memory, a signal before training: one line (a bug: its traceback)
         common.fail(f"{SCRIPT}.py", e)
 
 

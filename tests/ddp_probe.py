@@ -6,6 +6,7 @@
                             training starts and at the end
     PROBE_FAIL=RANK:STEP    that process raises at that step (a crashing process must end every process)
     PROBE_SLOW_START=S      rank 0's evaluator takes S seconds more to build (as a first run's classifier training)
+    PROBE_SLOW_DATA=S       rank 0 takes S seconds more to load the dataset (as a long cache build) while the others wait
     PROBE_DATA_FAIL=RANK    that process cannot load the dataset (as a machine whose own --data-root lacks it)
     PROBE_NAN_AT=STEP       every process's G weights become NaN at that step (the losses stay finite until the next
                             forward: only the weight check at a sample step can see it)
@@ -67,6 +68,16 @@ if os.environ.get("PROBE_DATA_FAIL"):
             raise common.UsageError(f"probe: rank {data_fail_rank} finds no data")
         return load_dataset_(*a)
     common._load_dataset = failing_load
+
+if os.environ.get("PROBE_SLOW_DATA"):
+    slow_load_ = common._load_dataset
+
+    def slow_load(*a):
+        if int(os.environ.get("RANK", "0")) == 0:
+            import time
+            time.sleep(float(os.environ["PROBE_SLOW_DATA"]))
+        return slow_load_(*a)
+    common._load_dataset = slow_load
 
 if os.environ.get("PROBE_SLOW_START"):
     evaluator_init = common.Evaluator.__init__

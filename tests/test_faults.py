@@ -116,6 +116,35 @@ def test_sigterm_while_the_evaluation_classifier_trains_is_one_line(tmp_path):
     assert not (out / "checkpoint.pt").exists()
 
 
+def test_sigusr1_through_torchrun_saves_and_stops_both_processes(tmp_path, data_root):
+    """SLURM's warning signal (--signal=USR1@180) to torchrun started with --signals-to-handle ...,SIGUSR1 (as the
+    docs' cluster recipe says): torchrun forwards it, both processes stop at one agreed log step, rank 0 saves it
+    and says so once. Catches a run that torchrun's default (SIGUSR1 ends torchrun at once, its workers orphaned)
+    would lose, and processes that stop apart."""
+    from test_cluster import signal_mid_run
+    from test_distributed import BASE, TORCHRUN
+    out = tmp_path / "run"
+    torchrun = TORCHRUN[:3] + ["--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"] + TORCHRUN[3:]
+    cmd = torchrun + ["dcgan.py", *BASE, "--log-every", "2", "--sample-every", "1000", "--eval-every", "0",
+                      "--data-root", str(data_root), "--max-steps", "100000", "--out", str(out)]
+    code, err = signal_mid_run(cmd, out, signal.SIGUSR1, at_step=4)
+    assert err.count("interrupted at step") == 1 and "SIGUSR1" in err, err[-3000:]
+    state = common.load_checkpoint(out / "checkpoint.pt", "dcgan")
+    assert state["step"] >= 4 and state["step"] % 2 == 0, state["step"]
+
+
+def test_a_data_load_longer_than_the_torchrun_timeout_does_not_end_the_run(tmp_path, data_root):
+    """Under torchrun rank 0 loads (decodes, caches) first while the others wait: a load of 20 s with
+    --dist-timeout-minutes 0.1 (6 s) must not time the others out. Catches the turns waiting in the default
+    process group, whose timeout (meant for a dead peer in training) cut a long cache build short."""
+    from test_distributed import BASE, PROBE, launch
+    common.get_classifier("fake", data_root, "cpu")  # rank 0's solitary work after the load stays short
+    r = launch([PROBE, "dcgan", *BASE, "--max-steps", "2", "--eval-every", "0", "--dist-timeout-minutes", "0.1",
+                "--data-root", data_root, "--out", tmp_path / "run"], ROOT, env={"PROBE_SLOW_DATA": "20"}, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_checkpoint_tensors_are_torch_loadable_after_in_memory_serialisation(tmp_path):
     """save_checkpoint serialises into memory before it writes: the file must still be a torch zip that loads to
     equal tensors. Catches a buffer written from the wrong position (an empty or truncated file)."""
