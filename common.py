@@ -911,10 +911,16 @@ def _decode_resumably(tmp, header, adopted, paths, size, crop, workers, name):
                 f.truncate(math.prod(shape))
         _fsync_write(tmp / "progress", (json.dumps(header) + "\n").encode())
     else:
-        _write_owner(tmp)
-        # the blocks whose rows are as recorded: a power cut may have lost rows whose record reached the disk
-        found = _block_sums(tmp / "images.u8", shape, [s // CACHE_BLOCK for s in adopted[1]])
-        blocks = {s: v for s, v in adopted[1].items() if found[s // CACHE_BLOCK] == v[0]}
+        try:
+            _write_owner(tmp)
+            # the blocks whose rows are as recorded: a power cut may have lost rows whose record reached the disk
+            found = _block_sums(tmp / "images.u8", shape, [s // CACHE_BLOCK for s in adopted[1]])
+            blocks = {s: v for s, v in adopted[1].items() if found[s // CACHE_BLOCK] == v[0]}
+        except BaseException as e:  # stopped while reading what it continues: that stays for the next run
+            if _is_stop(e):
+                e.args, e.resumable = (f"{str(e) or 'interrupted'} while continuing a stopped decode of {name}: "
+                                       f"what it decoded is kept for the next run",), True
+            raise
     fd = os.open(tmp / "progress", os.O_WRONLY | os.O_APPEND)
     out = np.memmap(tmp / "images.u8", np.uint8, "r+", shape=shape)
     recording = [True]

@@ -22,31 +22,17 @@ from conftest import ROOT
 
 # A build in a process of its own, with the stop signals handled as Run handles them before the training loop (a
 # signal raises common.Stopped). Argv: data root, cache dir, decode workers, file for the images (.npy).
-BUILD = """import signal, sys
+BUILD = """import sys
 sys.path.insert(0, {root!r})
 import numpy as np
 import common
-if hasattr(common, "Stopped"):
-    Stopped = common.Stopped
-    common.StopSignals().install()
-else:  # StopSignals' early mode as Run installs it, for a branch that does not have it yet
-    class Stopped(BaseException):
-        def __init__(self, signum):
-            super().__init__(f"stopped by {{signal.Signals(signum).name}} before training began")
-            self.signum = signum
-    caught = []
-    def on_signal(signum, frame):
-        if not caught:
-            caught.append(signum)
-            raise Stopped(signum)
-    for sig in common.STOP_SIGNALS:
-        signal.signal(sig, on_signal)
+common.StopSignals().install()  # as Run(args, script) does: before the loop a signal raises Stopped
 root, cache, workers, out = sys.argv[1:5]
 try:
     data = common.load_dataset("folder", root, 16, "cpu", cache_dir=cache, decode_workers=int(workers))
-except (Stopped, common.UsageError) as e:
+except (common.Stopped, common.UsageError) as e:
     print(f"build: {{e}}", file=sys.stderr)
-    raise SystemExit(128 + e.signum if isinstance(e, Stopped) else 2)
+    raise SystemExit(128 + e.signum if isinstance(e, common.Stopped) else 2)
 np.save(out, data.images.numpy())
 print(len(data), data.num_classes)
 """
