@@ -502,6 +502,18 @@ def _decode_chunk(job):
     return start, out, bad
 
 
+def _decode_worker(tasks, results, parent):
+    """A decode process: the chunks `tasks` gives, until None. It ignores stop signals: a scheduler's SIGTERM and a
+    terminal's Ctrl-C reach the whole process group, and a worker ended by one dies mid-write with a traceback of
+    its own; the parent alone decides, and ends its workers. It also ends when its parent is gone."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    for job in iter(tasks.get, None):
+        if os.getppid() != parent:
+            return
+        results.put(_decode_chunk(job))
+
+
 def decode_workers(n=None):
     """--decode-workers, default: the cores this process may run on."""
     if n:
@@ -509,14 +521,19 @@ def decode_workers(n=None):
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _decode_all(paths, size, crop, out, workers, what, chunk=64):
+def _decode_all(paths, size, crop, out, workers, what, chunk=64, starts=None, on_chunk=None):
     """Decode `paths` into the uint8 array `out` (N, 3, size, size), in worker processes when there is more than
-    one chunk; a progress line every 10 s. Returns the sorted [(index, reason)] of unreadable files."""
-    jobs = [(s, [str(p) for p in paths[s:s + chunk]], size, crop) for s in range(0, len(paths), chunk)]
-    workers = min(decode_workers(workers), len(jobs))
+    one chunk; a progress line every 10 s. `starts`: the first index of each chunk to decode (default: all of
+    them; a resumed build has some already); `on_chunk(start, rows, bad)` is called once each chunk's rows are in
+    `out`. Returns the sorted [(index, reason)] of the unreadable files among those decoded."""
+    starts = range(0, len(paths), chunk) if starts is None else starts
+    jobs = [(s, [str(p) for p in paths[s:s + chunk]], size, crop) for s in starts]
+    n = sum(len(files) for _, files, _, _ in jobs)
+    workers = max(1, min(decode_workers(workers), len(jobs)))
     t0 = t_print = time.time()
     done, bad = 0, []
-    print(f"decoding {len(paths)} {what} images at {size} px with {workers} process{'es' * (workers > 1)}",
+    before = f" (the other {len(paths) - n} were decoded before, by a build that stopped)" if n < len(paths) else ""
+    print(f"decoding {n} {what} images at {size} px with {workers} process{'es' * (workers > 1)}{before}",
           file=sys.stderr, flush=True)
 
     def collect(result):
@@ -524,24 +541,61 @@ def _decode_all(paths, size, crop, out, workers, what, chunk=64):
         start, arr, b = result
         out[start:start + len(arr)] = arr
         bad.extend(b)
+        if on_chunk is not None:
+            on_chunk(start, arr, b)
         done += len(arr)
         if time.time() - t_print > 10:
             t_print, rate = time.time(), done / (time.time() - t0)
-            print(f"  {done}/{len(paths)} decoded, {rate:.0f} images/s, about {(len(paths) - done) / rate:.0f} s left",
+            print(f"  {done}/{n} decoded, {rate:.0f} images/s, about {(n - done) / rate:.0f} s left",
                   file=sys.stderr, flush=True)
     if workers > 1:
+        # Worker processes of our own rather than multiprocessing.Pool: workers that ignore SIGTERM would hang
+        # Pool.terminate (it ends them with SIGTERM and waits), and a dead worker hangs Pool's results forever.
         import multiprocessing as mp
+        import queue
         # fork where it exists: the workers need nothing but PIL and numpy, and start without importing torch again
         ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-        with ctx.Pool(workers) as pool:
-            for result in pool.imap_unordered(_decode_chunk, jobs):
+        tasks, results = ctx.Queue(), ctx.Queue()
+        procs = [ctx.Process(target=_decode_worker, args=(tasks, results, os.getpid()), daemon=True)
+                 for _ in range(workers)]
+        pending = iter(jobs)
+        try:
+            for p in procs:
+                p.start()
+            for job in jobs[:2 * workers]:  # two chunks ahead per worker: a stop leaves little queued
+                tasks.put(next(pending))
+            for _ in jobs:
+                while True:
+                    try:
+                        result = results.get(timeout=1)
+                        break
+                    except queue.Empty:
+                        ended = [p.exitcode for p in procs if p.exitcode is not None]
+                        if ended:
+                            raise RuntimeError(f"a decode worker process ended (exit code {ended[0]}; a negative "
+                                               f"code is the signal that killed it, -9 often the out-of-memory "
+                                               f"killer): --decode-workers 1 decodes in this process")
+                job = next(pending, None)
+                if job is not None:
+                    tasks.put(job)
                 collect(result)
+            for p in procs:
+                tasks.put(None)
+            for p in procs:
+                p.join()
+        finally:
+            for p in procs:  # stopped or failed: whatever they were decoding is not needed
+                if p.pid is not None and p.exitcode is None:
+                    p.kill()
+                    p.join()
+            for q in (tasks, results):
+                q.cancel_join_thread()  # what is still queued is dropped, not waited for at exit
+                q.close()
     else:
         for job in jobs:
             collect(_decode_chunk(job))
     t = time.time() - t0
-    print(f"  decoded {len(paths)} files in {t:.1f} s ({len(paths) / max(t, 1e-9):.0f} images/s)", file=sys.stderr,
-          flush=True)
+    print(f"  decoded {n} files in {t:.1f} s ({n / max(t, 1e-9):.0f} images/s)", file=sys.stderr, flush=True)
     return sorted(bad)
 
 
@@ -555,13 +609,15 @@ def _compact(out, bad):
 
 
 def _source(name, root, train):
-    """What a cached dataset is made of: (files or None, labels, classes, crop, listing for the signature)."""
+    """What a cached dataset is made of: (files or None, labels, classes, crop, listing for the signature, class
+    names or None)."""
     root = Path(root)
     if name == "stl10":  # torchvision reads its binary arrays: the signature covers those files
         folder = root / "stl10_binary"
         listing = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.bin")) \
             if folder.is_dir() else []
-        return None, None, None, None, listing
+        return None, None, None, None, listing, None
+    classes = None
     if name == "celeba":
         folder = root / "celeba" / "img_align_celeba"
         if not folder.is_dir():
@@ -575,7 +631,7 @@ def _source(name, root, train):
     else:
         if not root.is_dir():
             raise UsageError(f"--data-root {root} is not a folder of images (subfolders are classes)")
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        classes = _class_folders(root)
         groups, crop, k = [(i, root / c) for i, c in enumerate(classes)] or [(0, root)], None, max(1, len(classes))
     paths, labels = [], []
     for i, folder in groups:
@@ -588,9 +644,33 @@ def _source(name, root, train):
         raise UsageError(f"no images ({', '.join(IMAGE_EXTS)}) found under {groups[0][1] if name == 'celeba' else root}")
     listing = []
     for p, y in zip(paths, labels):
-        st = p.stat()
-        listing.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns, y))
-    return paths, np.array(labels, dtype=np.int64), k, crop, listing
+        try:
+            st = p.stat()
+            listing.append((str(p.relative_to(root)), st.st_size, st.st_mtime_ns, y))
+        except OSError as e:  # a dangling link, a link loop, a file deleted since the listing: decoding it fails,
+            listing.append((str(p.relative_to(root)), "unreadable", e.errno, y))  # and names it as a bad file
+    return paths, np.array(labels, dtype=np.int64), k, crop, listing, classes
+
+
+def _class_folders(root):
+    """The class folders of a folder data set: its subfolders, by name, but for hidden ones and links that lead
+    back to the root or above it (each is said in one line: every image below would count again, as a class)."""
+    above, classes = {root.resolve(), *root.resolve().parents}, []
+    for d in sorted(root.iterdir(), key=lambda d: d.name):
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        try:
+            target = d.resolve(strict=True)
+        except (OSError, RuntimeError) as e:  # a link loop
+            target = e
+        if isinstance(target, Exception) or target in above:
+            if distributed_env()[0] == 0:
+                print(f"warning: class folder {d} is skipped: it links to "
+                      f"{target if isinstance(target, Path) else 'itself (a loop)'}, the data root or a folder "
+                      f"above it, so its images would count again as one more class", file=sys.stderr, flush=True)
+            continue
+        classes.append(d.name)
+    return classes
 
 
 def _cache_entry(name, root, size, train, cache_dir):
@@ -604,21 +684,80 @@ def _cache_entry(name, root, size, train, cache_dir):
     return Path(cache_dir) / f"{name}-{tag}-{split}-{size}px"
 
 
-def _signature(name, size, crop, listing):
+def _signature(name, size, crop, listing, classes=None):
+    """What a cache was decoded from: the decoding's settings, the class names (an empty class folder is a class:
+    it changes the model's number of classes, not the images) and every file's name, size and time."""
     import hashlib
-    h = hashlib.sha256(json.dumps([CACHE_FORMAT, name, size, crop, BACKGROUND]).encode())
+    h = hashlib.sha256(json.dumps([CACHE_FORMAT, name, size, crop, BACKGROUND, classes]).encode())
     for row in listing:
         h.update(("\t".join(map(str, row)) + "\n").encode())
     return h.hexdigest()
 
 
 def _read_manifest(entry, signature):
+    """entry's manifest when it is a cache of `signature` that carries its checksums (an older cache has none:
+    it is outdated). Whether its files match them is _check_cache's question."""
     try:
         m = json.loads((entry / "manifest.json").read_text())
-        ok = m["signature"] == signature and (entry / "images.u8").stat().st_size == math.prod(m["shape"])
-        return m if ok else None
-    except (OSError, ValueError, KeyError):
+        return m if m["signature"] == signature and "checksums" in m else None
+    except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+# A cache is checked on every use, cheaply: its files' sizes, the labels' checksum, and the first, the last and
+# CHECKED_BLOCKS other blocks of images (chosen at random: over many runs every block is read); every block when
+# images.u8 is not the file the manifest was written with (another size, time or inode: copied, or written to).
+CACHE_BLOCK = 64  # images per block: the unit of decoding, of a stopped build's progress and of the checksums
+CHECKED_BLOCKS = 2
+
+
+def _crc(data):
+    import zlib
+    return zlib.crc32(data)
+
+
+def _file_record(path):
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _block_sums(file, shape, blocks=None):
+    """{block: crc32 of its bytes} of the uint8 array of `shape` in `file`, for `blocks` (default: all)."""
+    row = math.prod(shape[1:])
+    n = math.ceil(shape[0] / CACHE_BLOCK)
+    sums = {}
+    with open(file, "rb") as f:
+        for b in range(n) if blocks is None else blocks:
+            f.seek(b * CACHE_BLOCK * row)
+            sums[b] = _crc(f.read(min(CACHE_BLOCK, shape[0] - b * CACHE_BLOCK) * row))
+    return sums
+
+
+def _check_cache(entry, manifest, full=False):
+    """None when entry's files match the manifest's checksums, else what does not (a few words)."""
+    import secrets
+    shape, sums, file = manifest["shape"], manifest["checksums"], entry / "images.u8"
+    try:
+        record = _file_record(file)
+        if record[0] != math.prod(shape):
+            return f"images.u8 has {record[0]} bytes, not {math.prod(shape)}"
+        if _crc((entry / "labels.npy").read_bytes()) != manifest["labels_crc"]:
+            return "labels.npy does not match its checksum"
+        full = full or record != manifest["file"]
+        blocks = range(len(sums)) if full or not sums else sorted(
+            {0, len(sums) - 1, *(secrets.randbelow(len(sums)) for _ in range(CHECKED_BLOCKS))})
+        found = _block_sums(file, shape, blocks)
+    except OSError as e:
+        return f"{e.strerror or type(e).__name__}: {e.filename}"
+    wrong = [b for b, crc in found.items() if crc != sums[b]]
+    if wrong:
+        b = wrong[0]
+        return (f"images {b * CACHE_BLOCK} to {min((b + 1) * CACHE_BLOCK, shape[0]) - 1} do not match their "
+                f"checksum{f', nor do {len(wrong) - 1} more blocks' if len(wrong) > 1 else ''}")
+    if full and record != manifest["file"]:  # all of it read and right: the next use need not read it all again
+        with contextlib.suppress(OSError):
+            _write_json(entry / "manifest.json", {**manifest, "file": record})
+    return None
 
 
 def _fsync_write(path, data):
@@ -628,58 +767,286 @@ def _fsync_write(path, data):
         os.fsync(f.fileno())
 
 
+def _write_json(path, obj):
+    """Replace the file `path` by `obj` as JSON, atomically (a reader sees the old file or the new one)."""
+    tmp = _unique(path, "new")
+    try:
+        _fsync_write(tmp, (json.dumps(obj, indent=1) + "\n").encode())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 class _CacheUnwritable(Exception):
     """The cache could not be written; `decoded` holds (images, labels, classes, bad files) when the decoding had
     finished before the failure, so that it need not be done again."""
     decoded = None
 
 
+# A cache is built in a temp folder beside its entry, named so that no other process can hold the name (this
+# machine, this process and a random part: two containers, or two machines, may both run Python as pid 1), and
+# renamed into place when complete. It holds owner.json (who builds) and `progress`: a header line (signature,
+# shape), then one line per decoded block (its first index, checksum and unreadable files) written once the
+# block's rows are in the mapped file, so that a build stopped by a signal or killed can be continued by the next
+# build of the same signature. A builder that is gone (its process no longer runs, it recorded that it stopped,
+# or no sign of it for CACHE_STALE seconds: a live builder writes a line every block) leaves its folder to the
+# next build of the entry, which continues it or removes it.
+CACHE_STALE = 30 * 60
+
+
+def _unique(path, kind):
+    import secrets
+    import socket
+    return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.{kind}")
+
+
+def _start_time(pid):
+    """When process `pid` started (clock ticks since boot: Linux's /proc/PID/stat, field 22)."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def _owner():
+    """Who this process is, for another process on this machine to tell whether it still runs: its pid, and on
+    Linux the boot, the pid namespace and its start time (a pid is reused after a reboot, in another container,
+    or by a later process)."""
+    import socket
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        if os.readlink("/proc/self") == str(os.getpid()):  # /proc shows our own pid namespace
+            me.update(boot=Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                      pidns=os.readlink("/proc/self/ns/pid"), start=_start_time(os.getpid()))
+    return me
+
+
+def _owner_alive(owner):
+    """True or False when this process can tell whether `owner` (an _owner()) still runs, None when it cannot
+    (another machine or pid namespace)."""
+    me = _owner()
+    if owner.get("host") != me["host"] or [owner.get(k) for k in ("boot", "pidns")] != [me.get("boot"), me.get("pidns")]:
+        return None
+    try:
+        if "start" in me:
+            return _start_time(owner["pid"]) == owner["start"]
+        os.kill(owner["pid"], 0)
+        return True
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _write_owner(folder):
+    _write_json(folder / "owner.json", {**_owner(), "name": folder.name})
+
+
+def _read_progress(folder):
+    """A build's progress: (header, {first index of a block: (checksum, unreadable files)}, last record)."""
+    lines = (folder / "progress").read_text().splitlines()
+    header, blocks, last = json.loads(lines[0]), {}, {}
+    for line in lines[1:]:
+        try:
+            last = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if "start" in last:
+            blocks[last["start"]] = (last["crc"], [tuple(b) for b in last["bad"]])
+    return header, blocks, last
+
+
+def _gone(folder):
+    """Whether the builder of the temp folder is gone: no sign of it for CACHE_STALE seconds, it recorded that it
+    stopped, or it ran on this machine and no longer runs."""
+    signs = [folder.stat().st_ctime] + [f.stat().st_mtime for f in (folder / "progress", folder / "owner.json")
+                                        if f.exists()]
+    if time.time() - max(signs) > CACHE_STALE:
+        return True
+    try:
+        owner = json.loads((folder / "owner.json").read_text())
+        if owner["name"] != folder.name:  # just renamed by a builder that continues it, and not yet rewritten
+            return False
+        if (folder / "progress").exists() and "stopped" in _read_progress(folder)[2]:
+            return True
+    except (OSError, ValueError, KeyError, IndexError, TypeError):  # being created: only time tells
+        return False
+    return _owner_alive(owner) is False
+
+
+def _move_aside(folder, entry):
+    """Remove `folder` (an outdated or damaged cache, or a gone builder's temp folder): renamed first, so that
+    readers that have its files open keep them and no other process continues it meanwhile."""
+    import shutil
+    old = _unique(entry, "old")
+    try:
+        os.rename(folder, old)
+    except FileNotFoundError:  # another process was first
+        return False
+    shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def _tidy(entry, header, tmp):
+    """Remove what gone builders of `entry` left beside it; the first gone build of `header` (the same signature
+    and shape) is renamed to `tmp` instead, and its progress returned, to be continued. Folders of builders that
+    may still run are left alone."""
+    import shutil
+    adopted = None
+    for old in entry.parent.glob(f"{entry.name}.*.old"):  # what a process killed while removing it left
+        shutil.rmtree(old, ignore_errors=True)
+    for folder in sorted(entry.parent.glob(f"{entry.name}.*.tmp")):
+        with contextlib.suppress(OSError):
+            if not _gone(folder):
+                continue
+            progress = None
+            with contextlib.suppress(OSError, ValueError, IndexError, KeyError, TypeError):
+                progress = _read_progress(folder)
+            if adopted is None and progress and progress[0] == header and "finishing" not in progress[2]:
+                with contextlib.suppress(FileNotFoundError):  # another build took it first
+                    os.rename(folder, tmp)
+                    adopted = progress
+                    continue
+            _move_aside(folder, entry)
+    return adopted
+
+
+def _is_stop(e):
+    """A stop signal's exception: Stopped (a signal before training began, see StopSignals) or Ctrl-C's."""
+    return isinstance(e, KeyboardInterrupt) or (not isinstance(e, Exception) and hasattr(e, "signum"))
+
+
+def _publish(tmp, entry, signature):
+    """Rename the complete temp folder to `entry`. Returns None, or the manifest of the cache of the same signature
+    that another builder published first (ours is then dropped). An outdated or damaged cache is replaced."""
+    import errno
+    import shutil
+    for _ in range(10):
+        try:
+            os.rename(tmp, entry)  # fails while entry is a folder with files: of two builders, one publishes
+            return None
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        theirs = _read_manifest(entry, signature)
+        if theirs is not None and _check_cache(entry, theirs) is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return theirs
+        _move_aside(entry, entry)
+    raise OSError(errno.EBUSY, "other processes keep replacing it", str(entry))
+
+
+def _decode_resumably(tmp, header, adopted, paths, size, crop, workers, name):
+    """Decode into tmp/images.u8 the blocks `adopted` (a stopped build's progress) does not hold, recording each
+    block in tmp/progress as it is written. Returns ({block: checksum}, unreadable files). On a
+    stop signal the folder is left to be continued, and the exception says what was kept."""
+    shape, n = tuple(header["shape"]), header["shape"][0]
+    blocks = {}
+    if adopted is None:
+        tmp.mkdir(parents=True)
+        _write_owner(tmp)
+        with open(tmp / "images.u8", "wb") as f:
+            if hasattr(os, "posix_fallocate"):  # no space: an error now, not a SIGBUS while writing the map
+                os.posix_fallocate(f.fileno(), 0, math.prod(shape))
+            else:
+                f.truncate(math.prod(shape))
+        _fsync_write(tmp / "progress", (json.dumps(header) + "\n").encode())
+    else:
+        try:
+            _write_owner(tmp)
+            # the blocks whose rows are as recorded: a power cut may have lost rows whose record reached the disk
+            found = _block_sums(tmp / "images.u8", shape, [s // CACHE_BLOCK for s in adopted[1]])
+            blocks = {s: v for s, v in adopted[1].items() if found[s // CACHE_BLOCK] == v[0]}
+        except BaseException as e:  # stopped while reading what it continues: that stays for the next run
+            if _is_stop(e):
+                e.args, e.resumable = (f"{str(e) or 'interrupted'} while continuing a stopped decode of {name}: "
+                                       f"what it decoded is kept for the next run",), True
+            raise
+    fd = os.open(tmp / "progress", os.O_WRONLY | os.O_APPEND)
+    out = np.memmap(tmp / "images.u8", np.uint8, "r+", shape=shape)
+    recording = [True]
+
+    def record(entry):
+        if recording[0]:
+            try:
+                os.write(fd, (json.dumps(entry) + "\n").encode())
+            except OSError:  # a full disk: the build goes on, only its later blocks cannot be continued
+                recording[0] = False
+
+    def on_chunk(start, rows, bad):
+        # The rows are in the file's pages, shared with any later process even if this one is killed now
+        crc = _crc(np.ascontiguousarray(rows))
+        blocks[start] = (crc, [tuple(b) for b in bad])
+        record({"start": start, "crc": crc, "bad": bad})
+    try:
+        if adopted is not None:
+            record({"resumed": tmp.name})
+        todo = [s for s in range(0, n, CACHE_BLOCK) if s not in blocks]
+        _decode_all(paths, size, crop, out, workers, name, CACHE_BLOCK, todo, on_chunk)
+        record({"finishing": True})  # from here the file's rows move (_compact): not to be continued
+    except BaseException as e:
+        if _is_stop(e) and recording[0]:
+            record({"stopped": getattr(e, "signum", int(signal.SIGINT))})
+            kept = sum(min(CACHE_BLOCK, n - s) for s in blocks)
+            e.args = (f"{str(e) or 'interrupted'} while decoding {name}: {kept} of {n} images kept, the next run "
+                      f"continues them",)
+            e.resumable = True
+        raise
+    finally:
+        os.close(fd)
+        out.flush()
+        del out
+    return {s // CACHE_BLOCK: crc for s, (crc, _) in blocks.items()}, sorted(b for _, bad in blocks.values() for b in bad)
+
+
 def _build_cache(entry, name, root, size, train, signature, paths, labels, k, crop, workers):
     """Decode into entry/ (via a temp folder of this process, renamed into place when complete, so a reader never
-    sees half a cache and a failed build leaves nothing behind). Returns the manifest. When the cache cannot be
-    written (read-only data root, full disk), raises _CacheUnwritable after cleaning up, before decoding anything
-    where that can be known (the array's space is reserved first)."""
+    sees half a cache; a stopped build's folder is continued by the next build). Returns the manifest: ours, or
+    that of another process that published the same cache first. When the cache cannot be written (read-only data
+    root, full disk), raises _CacheUnwritable after cleaning up, before decoding anything where that can be known
+    (the array's space is reserved first)."""
     import shutil
-    tmp, decoded = entry.with_name(f"{entry.name}.{os.getpid()}.tmp"), None
+    tmp, decoded = _unique(entry, "tmp"), None
     try:
-        tmp.mkdir(parents=True, exist_ok=True)
+        entry.parent.mkdir(parents=True, exist_ok=True)
         if paths is None:  # STL-10: the resized arrays torchvision gives
+            _tidy(entry, None, tmp)
             images, labels, k = _load_torchvision(name, root, train)
             images, labels = resize_uint8(images, size).numpy(), labels.numpy()
             shape, bad = images.shape, []
             decoded = (images, labels, k, bad)
+            tmp.mkdir()
             _fsync_write(tmp / "images.u8", images.tobytes())
+            sums = _block_sums(tmp / "images.u8", shape)
         else:
             shape = (len(paths), 3, size, size)
-            with open(tmp / "images.u8", "wb") as f:
-                if hasattr(os, "posix_fallocate"):  # no space: an error now, not a SIGBUS while writing the map
-                    os.posix_fallocate(f.fileno(), 0, math.prod(shape))
-                else:
-                    f.truncate(math.prod(shape))
-            out = np.memmap(tmp / "images.u8", np.uint8, "r+", shape=shape)
-            bad = _decode_all(paths, size, crop, out, workers, name)
-            keep = _compact(out, bad)
-            out.flush()
-            del out
-            shape = (len(keep), *shape[1:])
+            header = {"signature": signature, "shape": list(shape), "block": CACHE_BLOCK}
+            sums, bad = _decode_resumably(tmp, header, _tidy(entry, header, tmp), paths, size, crop, workers, name)
             with open(tmp / "images.u8", "r+b") as f:
+                if bad:
+                    out = np.memmap(f, np.uint8, "r+", shape=shape)
+                    keep = _compact(out, bad)
+                    out.flush()
+                    del out
+                else:
+                    keep = np.arange(len(paths))
+                shape = (len(keep), *shape[1:])
                 f.truncate(math.prod(shape))
                 os.fsync(f.fileno())
+            # the blocks' checksums as decoded, unless rows moved up over unreadable files: then read again
+            sums = _block_sums(tmp / "images.u8", shape) if bad else sums
             labels = labels[keep]
             decoded = (tmp / "images.u8", labels, k, bad)
             _fsync_write(tmp / "skipped.txt", "".join(f"{paths[i]}\t{r}\n" for i, r in bad).encode())
+            for f in ("progress", "owner.json"):
+                os.unlink(tmp / f)
         np.save(tmp / "labels.npy", labels)
         manifest = {"format": CACHE_FORMAT, "dataset": name, "root": str(Path(root).resolve()), "size": size,
                     "crop": crop, "background": BACKGROUND, "shape": list(shape), "num_classes": k,
                     "signature": signature, "skipped": len(bad), "skipped_examples": [
-                        f"{Path(paths[i]).relative_to(root)} ({r})" for i, r in bad[:3]]}
+                        f"{Path(paths[i]).relative_to(root)} ({r})" for i, r in bad[:3]],
+                    "block_rows": CACHE_BLOCK, "checksums": [sums[b] for b in range(len(sums))],
+                    "labels_crc": _crc((tmp / "labels.npy").read_bytes()), "file": _file_record(tmp / "images.u8")}
         _fsync_write(tmp / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
-        if entry.exists():  # an outdated cache: out of the way first (a rename over a non-empty folder fails)
-            old = entry.with_name(f"{entry.name}.{os.getpid()}.old")
-            os.replace(entry, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, entry)
-        return manifest
+        return _publish(tmp, entry, signature) or manifest
     except OSError as e:
         err = _CacheUnwritable(f"{e.strerror or type(e).__name__}: {e.filename or entry}")
         if decoded is not None and isinstance(decoded[0], Path):  # decoded, then the cache could not be finished:
@@ -689,8 +1056,9 @@ def _build_cache(entry, name, root, size, train, signature, paths, labels, k, cr
             err.decoded = decoded
         shutil.rmtree(tmp, ignore_errors=True)
         raise err from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if not getattr(e, "resumable", False):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -737,10 +1105,17 @@ def _fits_in_ram(nbytes):
 def _load_cached(name, root, size, train, device, opts):
     """celeba, folder, stl10: from the decoded cache (built now when missing or outdated), then in memory or
     mapped, as --data-in-memory says. Returns ImageData."""
-    paths, labels, k, crop, listing = _source(name, root, train)
-    signature = _signature(name, size, crop, listing)
+    paths, labels, k, crop, listing, classes = _source(name, root, train)
+    signature = _signature(name, size, crop, listing, classes)
     entry = _cache_entry(name, root, size, train, opts.get("cache_dir"))
     manifest = _read_manifest(entry, signature)
+    problem = manifest and _check_cache(entry, manifest)
+    if problem:
+        print(f"warning: the decoded cache {entry} is damaged ({problem}): decoding it again", file=sys.stderr,
+              flush=True)
+        with contextlib.suppress(OSError):  # when it cannot be removed, the build cannot be written either
+            _move_aside(entry, entry)
+        manifest = None
     if manifest is not None:
         if distributed_env()[0] == 0:
             _skipped_warning(manifest, entry / "skipped.txt")
