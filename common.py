@@ -562,7 +562,7 @@ def _decode_all(paths, size, crop, out, workers, what, chunk=64, starts=None, on
         try:
             for p in procs:
                 p.start()
-            for job in jobs[:2 * workers]:  # two chunks ahead per worker: a stop leaves little queued
+            for _ in jobs[:2 * workers]:  # two chunks ahead per worker: a stop leaves little queued
                 tasks.put(next(pending))
             for _ in jobs:
                 while True:
@@ -574,12 +574,12 @@ def _decode_all(paths, size, crop, out, workers, what, chunk=64, starts=None, on
                         if ended:
                             raise RuntimeError(f"a decode worker process ended (exit code {ended[0]}; a negative "
                                                f"code is the signal that killed it, -9 often the out-of-memory "
-                                               f"killer): --decode-workers 1 decodes in this process")
+                                               f"killer): --decode-workers 1 decodes in this process") from None
                 job = next(pending, None)
                 if job is not None:
                     tasks.put(job)
                 collect(result)
-            for p in procs:
+            for _ in procs:
                 tasks.put(None)
             for p in procs:
                 p.join()
@@ -911,7 +911,7 @@ def _tidy(entry, header, tmp):
 
 def _is_stop(e):
     """A stop signal's exception: Stopped (a signal before training began, see StopSignals) or Ctrl-C's."""
-    return isinstance(e, KeyboardInterrupt) or (not isinstance(e, Exception) and hasattr(e, "signum"))
+    return isinstance(e, (KeyboardInterrupt, Stopped))
 
 
 def _publish(tmp, entry, signature):
