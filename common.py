@@ -302,6 +302,8 @@ class ImageData:
     labels: torch.Tensor
     num_classes: int
     where: str = "host RAM"  # or "cuda memory", or "memory map of FILE" (the decoded cache)
+    signature: str = None  # a decoded cache's: what its files were (names, sizes, times), see _signature
+    class_names: list = None  # a folder's class folders
 
     @property
     def mapped(self):
@@ -1107,6 +1109,7 @@ def _load_cached(name, root, size, train, device, opts):
     mapped, as --data-in-memory says. Returns ImageData."""
     paths, labels, k, crop, listing, classes = _source(name, root, train)
     signature = _signature(name, size, crop, listing, classes)
+    known = {"signature": signature, "class_names": classes}  # for the checkpoint: what this data is
     entry = _cache_entry(name, root, size, train, opts.get("cache_dir"))
     manifest = _read_manifest(entry, signature)
     problem = manifest and _check_cache(entry, manifest)
@@ -1130,7 +1133,9 @@ def _load_cached(name, root, size, train, device, opts):
                                  f"name a writable folder with --cache-dir") from None
             print(f"warning: cannot write the decoded cache {entry} ({e}): {'kept' if e.decoded else 'decoding'} in "
                   f"memory for this run only (--cache-dir DIR keeps it)", file=sys.stderr, flush=True)
-            return _decode_in_memory(name, root, size, train, device, paths, labels, k, crop, opts, e.decoded)
+            data = _decode_in_memory(name, root, size, train, device, paths, labels, k, crop, opts, e.decoded)
+            data.signature, data.class_names = signature, classes
+            return data
     shape, file = tuple(manifest["shape"]), entry / "images.u8"
     labels = torch.from_numpy(np.load(entry / "labels.npy"))
     if shape[0] == 0:
@@ -1147,7 +1152,7 @@ def _load_cached(name, root, size, train, device, opts):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             images = torch.from_numpy(mapped)
-        return ImageData(name, images, labels, manifest["num_classes"], f"memory map of {file}")
+        return ImageData(name, images, labels, manifest["num_classes"], f"memory map of {file}", **known)
     home = _fits_on_device(nbytes, device) or torch.device("cpu")
     try:
         if home.type == "cpu":
@@ -1162,7 +1167,7 @@ def _load_cached(name, root, size, train, device, opts):
             raise
         raise UsageError(f"{nbytes / 2**30:.1f} GB of decoded {name} images do not fit in memory here: use "
                          f"--data-in-memory auto or no (a memory map of {file})") from None
-    return ImageData(name, images, labels.to(home), manifest["num_classes"], _where(home))
+    return ImageData(name, images, labels.to(home), manifest["num_classes"], _where(home), **known)
 
 
 def _decode_in_memory(name, root, size, train, device, paths, labels, k, crop, opts, decoded=None):
@@ -1933,16 +1938,19 @@ def data_identity(data):
     import hashlib
     labels = hashlib.sha256(data.labels.cpu().numpy().tobytes()).hexdigest()[:16]  # each image's class, in order
     return {"dataset": data.name, "images": len(data), "num_classes": data.num_classes, "labels": labels,
-            "channels": data.channels, "image_size": data.image_size}
+            "channels": data.channels, "image_size": data.image_size, "class_names": data.class_names,
+            "files": data.signature}
 
 
 def check_same_data(saved, now, args):
     """UsageError when the data differs from the checkpoint's: a class count that changes the networks always, other
     differences (images added or removed, classes reassigned) unless --allow-changed-data."""
-    keys = [k for k in ("dataset", "images", "num_classes", "labels") if k in saved and saved[k] != now[k]]
+    keys = [k for k in ("dataset", "num_classes", "images", "class_names", "labels", "files")
+            if saved.get(k) is not None and saved[k] != now[k]]
     if not keys:
         return
-    said = ", ".join(f"{k} {saved[k]} then, {now[k]} now" for k in keys if k != "labels") or "the images' classes differ"
+    said = {"labels": "the images' classes differ", "files": "files changed: their names, sizes or times"}.get(
+        keys[0], f"{keys[0].replace('_', ' ')} {saved[keys[0]]} then, {now[keys[0]]} now")  # the first difference
     if "num_classes" in keys and saved.get("conditional"):
         raise UsageError(f"--resume: the data changed ({said}) and the networks are built for "
                          f"{saved['num_classes']} classes: resume on the checkpoint's data, or start a new run")

@@ -109,7 +109,7 @@ def test_a_resume_on_changed_data_is_refused_unless_asked(tmp_path, capsys):
     make_folder(root, ["c"])
     capsys.readouterr()
     code, err = run_script(cgan, ["--resume", cout / "checkpoint.pt", "--max-steps", "4", "--allow-changed-data"], capsys)
-    assert code == 2 and "num_classes 2 then, 3 now" in err and "built for 2 classes" in err, err
+    assert code == 2 and "num classes 2 then, 3 now" in err and "built for 2 classes" in err, err
     assert "Traceback" not in err, err
 
 
