@@ -770,14 +770,7 @@ def _fsync_write(path, data):
 
 
 def _write_json(path, obj):
-    """Replace the file `path` by `obj` as JSON, atomically (a reader sees the old file or the new one)."""
-    tmp = _unique(path, "new")
-    try:
-        _fsync_write(tmp, (json.dumps(obj, indent=1) + "\n").encode())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
 
 
 class _CacheUnwritable(Exception):
@@ -1868,34 +1861,26 @@ def set_rng_state(state, device="cpu"):
 # 6 A run, part 1: checkpoints (written atomically) and the run directory
 # ----------------------------------------------------------------------------------------------
 
-def save_checkpoint(path, state):
-    """Write atomically: a temp file of this process, flushed to disk, then renamed over the old file,
-    so a crash or power cut mid-save keeps the previous file. torch serialises into memory and Python writes the
-    file: a full disk or a file-size limit is then an OSError that names its cause (torch.save into a file turns
-    it into a RuntimeError about stream positions)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
+def write_atomic(path, data):
+    """Replace the file `path` by `data` (bytes or text) atomically: a temp file no other process can hold (see
+    _unique), flushed to disk, then renamed over the old file, so that a crash, a power cut, a full disk or a second
+    Ctrl-C mid-write keeps the previous file, and no torn temp file stays behind."""
+    tmp = _unique(Path(path), "tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, a quota, a second Ctrl-C: the old file stays, the torn temp file goes
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_atomic(path, text):
-    tmp = Path(path).with_name(f"{Path(path).name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
+        _fsync_write(tmp, data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def save_checkpoint(path, state):
+    """Write atomically (write_atomic). torch serialises into memory and Python writes the file: a full disk or a
+    file-size limit is then an OSError that names its cause (torch.save into a file turns it into a RuntimeError
+    about stream positions)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getbuffer())
 
 
 def load_checkpoint(path, script):
