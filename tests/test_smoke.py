@@ -79,9 +79,10 @@ def runs(tmp_path_factory, data_root):
 @pytest.mark.parametrize("name", SCRIPTS)
 def test_training_steps_both_networks_and_writes_its_files(name, runs):
     """A few steps on fake data: D and G were each stepped the expected number of times (catches a loop that
-    never calls one optimiser, or calls D's n_dis times per G step the wrong way round), Adam/RMSProp saw non-zero
-    gradients (catches detached losses), the logged losses are finite, and args.json, checkpoint.pt, the sample
-    grids and losses.png are written (catches a run that trains but loses its output)."""
+    never calls one optimiser, or calls D's n_dis times per G step the wrong way round), every parameter of each
+    has optimiser state (catches a layer left out of the graph), Adam/RMSProp saw non-zero gradients (catches
+    detached losses), the logged losses are finite, and args.json, checkpoint.pt, the sample grids and
+    losses.png are written (catches a run that trains but loses its output)."""
     module, out = runs(name)
     for f in ("args.json", "metrics.jsonl", "checkpoint.pt", "losses.png", "samples/step_0000002.png"):
         assert (out / f).is_file(), f
@@ -93,6 +94,8 @@ def test_training_steps_both_networks_and_writes_its_files(name, runs):
     assert state["step"] == STEPS
     assert optimiser_steps(state) == expected_steps(state, STEPS)
     for opt in ("opt_d", "opt_g"):
+        n_params = sum(len(g["params"]) for g in state[opt]["param_groups"])
+        assert len(state[opt]["state"]) == n_params, f"{opt}: some parameters never had a gradient"
         moments = [s[k] for s in state[opt]["state"].values() for k in ("exp_avg", "square_avg") if k in s]
         assert moments and any(m.abs().sum() > 0 for m in moments), f"{opt} saw only zero gradients"
 
