@@ -6,6 +6,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+SMOKE = "test_smoke.py"  # the smoke tier; every other test that is not `slow` is in the `full` tier
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every test outside test_smoke.py, and not already `slow`, with `full`. pyproject's addopts deselect
+    `full` and `slow` (`python -m pytest` runs the smoke tier); `-m full` on the command line replaces addopts'
+    -m, as pytest takes the last one."""
+    for item in items:
+        if item.path.name != SMOKE and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.full)
+
 
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):

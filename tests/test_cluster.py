@@ -120,8 +120,8 @@ def test_resume_auto_starts_then_continues(tmp_path, data_root, capsys):
 def test_resume_auto_replaces_a_start_that_never_saved_and_refuses_old_networks(tmp_path, data_root, capsys):
     """A start that died before its first checkpoint (a full disk at step 0, a kill) leaves run files but no
     checkpoint.pt: the requeue with --resume auto starts over there instead of refusing a used --out (which would
-    end the requeue chain). A checkpoint whose D lacks a parameter the networks now have (written before issue 21
-    restored D's biases) is refused in one line, not a load_state_dict traceback. Catches both exits."""
+    end the requeue chain). A checkpoint whose D lacks a parameter the networks now have (as one written by a
+    version whose D had no bias on its first conv) is refused in one line, not a load_state_dict traceback. Catches both exits."""
     out = tmp_path / "run"
     out.mkdir()
     (out / "args.json").write_text("{}")

@@ -1,6 +1,6 @@
 """When D has won, or G's samples all look alike: the run says so once, in one line and one metrics row, and
-trains on (issue 21); D's biases follow one rule; the cgan projection recipe does not collapse on several seeds
-(slow)."""
+trains on (a warning, not a stop: a D that won may recover); D's biases follow one rule (a bias exactly where no
+BatchNorm follows); the cgan projection recipe does not collapse on several seeds (slow)."""
 import types
 
 import pytest
@@ -169,7 +169,7 @@ def test_alike_is_off_without_two_real_images_in_a_class():
 ])
 @pytest.mark.parametrize("bn", [True, False])
 def test_every_d_conv_has_a_bias_unless_a_batchnorm_follows(make, bn):
-    """The rule of issue 21, layer by layer: a conv feeding a BatchNorm has no bias (it would be subtracted away),
+    """D's bias rule, layer by layer: a conv feeding a BatchNorm has no bias (it would be subtracted away),
     every other conv has one. Catches the biases of the first conv and of the output being dropped again (the
     cgan projection D then collapsed at seed 0 on MNIST)."""
     net = make(bn)

@@ -294,8 +294,9 @@ def test_paper_channel_counts_and_resolutions():
 @pytest.mark.parametrize("loss", ["hinge", "ns", "wasserstein"])
 @pytest.mark.parametrize("arch", ["cnn", "resnet"])
 def test_every_arch_loss_condition_and_size_takes_real_steps(arch, loss, conditional, size, tmp_path, data_root):
-    """The issue's full grid, 2 steps each: D stepped n_dis times per G step and G stepped (Adam's counts cover every
-    parameter, so a layer left out of the graph, e.g. an unused embedding, fails), losses finite."""
+    """Every architecture, loss, conditioning and size together, 2 steps each: D stepped n_dis times per G step
+    and G stepped (Adam's counts cover every parameter, so a layer left out of the graph, e.g. an unused
+    embedding, fails), losses finite."""
     out = tmp_path / "run"
     argv = ["--dataset", "fake", "--batch-size", "8", "--width", "2", "--eval-samples", "20", "--log-every", "1",
             "--n-dis", "2", "--arch", arch, "--loss", loss, "--image-size", size, "--max-steps", "2", "--out", out,

@@ -1,4 +1,5 @@
-"""SPEC.md's contract, checked on every model script that exists."""
+"""The flags every model script shares (one interface: a command for one script works for another), spelled
+alike in each script's --help, and every flag --help shows read somewhere, on every model script that exists."""
 import importlib
 import re
 
@@ -11,7 +12,7 @@ SPEC_FLAGS = ["--dataset", "--data-root", "--image-size", "--batch-size", "--epo
               "--lr-g", "--lr-d", "--beta1", "--beta2", "--latent-dim", "--n-dis", "--seed", "--device", "--out",
               "--sample-every", "--eval-every", "--eval-samples", "--resume", "--generate", "--checkpoint", "--n-gen",
               "--inception-weights"]
-EMA_SCRIPTS = ("sngan", "sagan")  # SPEC: --ema where the model has it
+EMA_SCRIPTS = ("sngan", "sagan")  # --ema where the model has one
 
 
 def help_text(script, capsys):
