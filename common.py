@@ -32,6 +32,7 @@ Run `python common.py --dataset fashion-mnist` to train and cache the evaluation
 
 import argparse
 import contextlib
+import functools
 import gzip
 import inspect
 import io
@@ -144,7 +145,8 @@ positive_float = _number(float, lambda v: v > 0, "> 0")
 nonneg_float = _number(float, lambda v: v >= 0, ">= 0")
 unit_float = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")  # Adam's betas, dropout
 open_unit_float = _number(float, lambda v: 0 < v < 1, "in (0, 1)")  # EMA decay
-seed_int = _number(int, lambda v: abs(v) <= 2**62, "between -2**62 and 2**62")  # torch takes 64 bits; we add to it
+# torch takes 64-bit seeds, and Batches seeds epoch e with seed * 100003 + e: |seed| < 2**40 keeps that in range
+seed_int = _number(int, lambda v: abs(v) < 2**40, "between -2**40 and 2**40")
 eval_count = _number(int, lambda v: v >= MIN_EVAL_IMAGES,
                      f"at least {MIN_EVAL_IMAGES} (IS's 10 splits need one image each, FID's covariance two)")
 
@@ -302,7 +304,7 @@ class ImageData:
     labels: torch.Tensor
     num_classes: int
     where: str = "host RAM"  # or "cuda memory", or "memory map of FILE" (the decoded cache)
-    signature: str = None  # a decoded cache's: what its files were (names, sizes, times), see _signature
+    files: str = None  # a decoded set's files: a hash of their names and sizes (times differ in a copy of them)
     class_names: list = None  # a folder's class folders
 
     @property
@@ -508,10 +510,16 @@ def _decode_worker(tasks, results, parent):
     """A decode process: the chunks `tasks` gives, until None. It ignores stop signals: a scheduler's SIGTERM and a
     terminal's Ctrl-C reach the whole process group, and a worker ended by one dies mid-write with a traceback of
     its own; the parent alone decides, and ends its workers. It also ends when its parent is gone."""
+    import queue
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    for job in iter(tasks.get, None):
-        if os.getppid() != parent:
+    results.cancel_join_thread()  # a parent killed alone (the OOM killer) reads no more: exit without flushing
+    while os.getppid() == parent:
+        try:
+            job = tasks.get(timeout=1)
+        except queue.Empty:
+            continue
+        if job is None:
             return
         results.put(_decode_chunk(job))
 
@@ -1102,7 +1110,9 @@ def _load_cached(name, root, size, train, device, opts):
     mapped, as --data-in-memory says. Returns ImageData."""
     paths, labels, k, crop, listing, classes = _source(name, root, train)
     signature = _signature(name, size, crop, listing, classes)
-    known = {"signature": signature, "class_names": classes}  # for the checkpoint: what this data is
+    import hashlib
+    files = hashlib.sha256("".join(f"{row[0]}\t{row[1]}\n" for row in listing).encode()).hexdigest()[:16]
+    known = {"files": files, "class_names": classes}  # for the checkpoint: what this data is
     entry = _cache_entry(name, root, size, train, opts.get("cache_dir"))
     manifest = _read_manifest(entry, signature)
     problem = manifest and _check_cache(entry, manifest)
@@ -1127,7 +1137,7 @@ def _load_cached(name, root, size, train, device, opts):
             print(f"warning: cannot write the decoded cache {entry} ({e}): {'kept' if e.decoded else 'decoding'} in "
                   f"memory for this run only (--cache-dir DIR keeps it)", file=sys.stderr, flush=True)
             data = _decode_in_memory(name, root, size, train, device, paths, labels, k, crop, opts, e.decoded)
-            data.signature, data.class_names = signature, classes
+            data.files, data.class_names = files, classes
             return data
     shape, file = tuple(manifest["shape"]), entry / "images.u8"
     labels = torch.from_numpy(np.load(entry / "labels.npy"))
@@ -1279,8 +1289,7 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True,
     # (the failed one with its error, the others in one line), and no later turn retries the download.
     # The turns wait in a process group of their own, whose timeout is a day, not --dist-timeout-minutes: decoding
     # a large folder into the cache may take hours, while the others wait.
-    import datetime
-    patient = dist.new_group(timeout=datetime.timedelta(hours=24))
+    patient = _patient_group()
     rank, _, local_rank = distributed_env()
     turn, data, error = 0 if rank == 0 else 1 if local_rank == 0 else 2, None, None
     on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -1288,7 +1297,7 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True,
         if t == turn:
             try:
                 data = _load_dataset(name, root, image_size, device, train, opts)
-            except Exception as e:  # any failure, not only ours: a process leaving the turns would hang the others
+            except BaseException as e:  # any failure or a stop: a process leaving the turns would hang the others
                 error = e
         failed = torch.tensor([float(error is not None)], device=on)
         dist.all_reduce(failed, dist.ReduceOp.MAX, group=patient)
@@ -1298,6 +1307,12 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True,
             raise UsageError(f"another process could not load {name} (its error is printed above, or in its "
                              f"machine's log)")
     return data
+
+
+@functools.cache
+def _patient_group():
+    import datetime
+    return dist.new_group(timeout=datetime.timedelta(hours=24))
 
 
 def data_options(args):
@@ -1924,24 +1939,26 @@ def data_identity(data):
     labels = hashlib.sha256(data.labels.cpu().numpy().tobytes()).hexdigest()[:16]  # each image's class, in order
     return {"dataset": data.name, "images": len(data), "num_classes": data.num_classes, "labels": labels,
             "channels": data.channels, "image_size": data.image_size, "class_names": data.class_names,
-            "files": data.signature}
+            "files": data.files}
 
 
-def check_same_data(saved, now, args):
-    """UsageError when the data differs from the checkpoint's: a class count that changes the networks always, other
-    differences (images added or removed, classes reassigned) unless --allow-changed-data."""
+def data_changed(saved, now, args):
+    """Why a resume on this data is refused, or None: a class count that changes the networks always, other
+    differences (images added or removed, classes reassigned, files renamed or resized) unless
+    --allow-changed-data."""
     keys = [k for k in ("dataset", "num_classes", "images", "class_names", "labels", "files")
             if saved.get(k) is not None and saved[k] != now[k]]
     if not keys:
-        return
-    said = {"labels": "the images' classes differ", "files": "files changed: their names, sizes or times"}.get(
+        return None
+    said = {"labels": "the images' classes differ", "files": "files changed: their names or sizes"}.get(
         keys[0], f"{keys[0].replace('_', ' ')} {saved[keys[0]]} then, {now[keys[0]]} now")  # the first difference
     if "num_classes" in keys and saved.get("conditional"):
-        raise UsageError(f"--resume: the data changed ({said}) and the networks are built for "
-                         f"{saved['num_classes']} classes: resume on the checkpoint's data, or start a new run")
+        return (f"--resume: the data changed ({said}) and the networks are built for "
+                f"{saved['num_classes']} classes: resume on the checkpoint's data, or start a new run")
     if not args.allow_changed_data:
-        raise UsageError(f"--resume: the data differs from the checkpoint's ({said}); resume on the same data, "
-                         f"or add --allow-changed-data to go on with this data")
+        return (f"--resume: the data differs from the checkpoint's ({said}); resume on the same data, "
+                f"or add --allow-changed-data to go on with this data")
+    return None
 
 
 def load_states(objects, state, path, script):
@@ -2003,7 +2020,10 @@ def out_dir_problem(out, args, state):
     used = any((out / f).exists() for f in RUN_FILES[:3])
     resuming_here = state is not None and out.resolve() == Path(args.resume).resolve().parent
     for p in made:  # made again by prepare_out_dir: a run that fails before (bad data, size) leaves no empty folder
-        p.rmdir()
+        try:
+            p.rmdir()
+        except OSError:  # another job's run folder appeared in it meanwhile
+            break
     if used and not resuming_here and not args.overwrite:
         return (f"--out {out} already holds a run: choose another --out, continue it with "
                 f"--resume {out / 'checkpoint.pt'}, or replace it with --overwrite")
@@ -2423,6 +2443,7 @@ class Run:
         error = self.procs.from_rank0(out_dir_problem(self.dir, args, self.state) if self.rank == 0 else None)
         if error:  # in every process, not only rank 0
             raise UsageError(error)
+        if_finished(self, args.max_steps)  # before the data is loaded, which may take long
         seed_everything(args.seed)  # the same in every process: the same initial networks
         self.signals = StopSignals()
         self.signals.install()  # from here: a scheduler's SIGTERM may come while the data is decoded
@@ -2432,14 +2453,14 @@ class Run:
         with --resume, load their states and the RNG states. Returns the data stream at the run's position."""
         self.data, self.objects, self.data_id = data, objects, data_identity(data)
         check_batch_norm_1d(objects, self.args.batch_size, self.world, self.script)
-        position = 0
         if self.state is not None:
-            check_same_data(self.state["data"], self.data_id, self.args)
+            error = self.procs.from_rank0(self.rank == 0 and data_changed(self.state["data"], self.data_id, self.args))
+            if error:  # rank 0's data decides for all (per-node copies of it may differ)
+                raise UsageError(error)
             load_states(objects, self.state, self.args.resume, self.script)
             set_rng_state(self.state["rng"], self.device)  # last: building the networks drew from the RNG
-            position = self.state["position"]
-        self.batches = Batches(data, self.args.batch_size, self.args.seed, position, self.device, self.memory_format,
-                               self.rank, self.world)
+        self.batches = Batches(data, self.args.batch_size, self.args.seed, self.state["position"] if self.state else 0,
+                               self.device, self.memory_format, self.rank, self.world)
         return self.batches
 
     def distribute(self, net):  # see Processes.distribute
@@ -2470,13 +2491,7 @@ class Run:
         has won; None for a critic's loss, which has no floor (Wasserstein)."""
         self.total, self.sample, self.panels, self.num_classes = total, sample, panels, num_classes
         self.latent_dim = latent_dim
-        if self.state is not None and self.args._auto and self.step >= total:  # a requeue of a run that ended
-            if self.rank == 0:
-                print(f"{self.script}: the run in {self.dir} is finished (step {self.step} of {total}); nothing to do")
-            if self.world > 1:
-                dist.destroy_process_group()
-            StopSignals.restore_all()
-            raise SystemExit(0)
+        if_finished(self, total)  # --epochs may end it before --max-steps
         self.fixed_z, self.fixed_y = grid_noise(self.noise, self.args.seed + 4, num_classes, self.device)
         if self.state is not None:
             self.fixed_z = self.state["fixed_z"].to(self.device)
@@ -2492,16 +2507,7 @@ class Run:
 
     # -- the loop ---------------------------------------------------------------------------------
     def __enter__(self):
-        self.signals.raising = False  # from here a signal ends the loop after its step, with a checkpoint
-        if self.state is None and self.rank == 0:
-            try:
-                save_run(self)
-            except OSError as e:
-                cannot_write(self, e)
-        if self.world > 1:  # the clocks start together: not while rank 0 still trains its evaluation classifier
-            dist.barrier()
-        self.logfile.restart(self.step)
-        self._t_saved = time.time()
+        begin_loop(self)
         return self
 
     def should_stop(self, step):
@@ -2554,6 +2560,40 @@ class Run:
         (MNIST-like data), and the one-line summary. Returns the run directory. Rank 0 only. The checkpoint of the
         last step is already saved (`__exit__`)."""
         return finish_run(self) if self.rank == 0 else self.dir
+
+
+def begin_loop(run):
+    """Run.__enter__: from here a signal ends the loop after its step, with a checkpoint. A fresh run's checkpoint
+    of step 0; under torchrun the clocks start together (not while rank 0 still trains its classifier)."""
+    run.signals.raising = False
+    if run.state is None and run.rank == 0:
+        try:
+            save_run(run)
+        except OSError as e:
+            cannot_write(run, e)
+    if run.world > 1:
+        try:
+            dist.barrier()
+        except Exception:  # a peer ended: by the signal that this process caught too, or by its own error
+            if not run.signals.caught:
+                raise
+            print(f"{run.script}.py: stopped by {run.signals.name} before training began (another process ended "
+                  f"first)", file=sys.stderr)
+            raise SystemExit(128 + run.signals.caught) from None
+    run.logfile.restart(run.step)
+    run._t_saved = time.time()
+
+
+def if_finished(run, total):
+    """A requeue (--resume auto) of a run that reached its length: say so, exit 0, write nothing."""
+    if run.state is None or not run.args._auto or not total or run.step < total:
+        return
+    if run.rank == 0:
+        print(f"{run.script}: the run in {run.dir} is finished (step {run.step} of {total}); nothing to do")
+    if run.world > 1:
+        dist.destroy_process_group()
+    StopSignals.restore_all()
+    raise SystemExit(0)
 
 
 def evaluate_run(run):

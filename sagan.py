@@ -524,6 +524,8 @@ def main(argv=None):
         return generate(args) if args.generate else train(args)
     except common.ENDINGS as e:  # bad input, no memory, a signal before training: one line (a bug: its traceback)
         common.fail(f"{SCRIPT}.py", e)
+    finally:  # a notebook's Ctrl-C works as before, whatever ended the run
+        common.StopSignals.restore_all()
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ getattr(common, "_write_owner", lambda folder: None)(folder)  # what a builder w
 def test_temp_folders_of_gone_builders_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
     """Beside a cache entry: the temp folder of a process of this machine that has ended (a real process wrote its
     owner record and exited), one of a builder on another machine that shows no sign of life for longer than
-    CACHE_STALE (made 1 s here, and waited for), one of a builder on another machine that is recent, and one
+    CACHE_STALE (made 4 s here, and waited for), one of a builder on another machine that is recent, and one
     of this very process's pid and machine (a live builder). A build of the entry removes the first two and
     leaves the last two. Catches dead builders' folders piling up (today every killed build leaves its
     folder, as large as the cache, for good), and a clean-up that removes a live builder's folder (a build on
@@ -190,8 +190,9 @@ def test_temp_folders_of_gone_builders_are_removed_and_live_ones_kept(tmp_path, 
         folder.mkdir()
         (folder / "owner.json").write_text(json.dumps({"host": "elsewhere", "pid": 7, "name": folder.name}))
         (folder / "progress").write_text("{}\n")
-    monkeypatch.setattr(common, "CACHE_STALE", 1.0)
-    time.sleep(1.5)
+    # (a folder's ctime cannot be set back: the test waits it out, and then has 4 s for the build below)
+    monkeypatch.setattr(common, "CACHE_STALE", 4.0)
+    time.sleep(5)
     os.utime(far_new / "progress")  # its builder wrote a block just now
     mine = entry.with_name(f"{entry.name}.{socket.gethostname()}.{os.getpid()}.deadbeef.tmp")
     mine.mkdir()
@@ -206,6 +207,7 @@ sys.path.insert(0, {root!r})
 import numpy as np
 import common
 go, root, cache, out = sys.argv[1:5]
+open(out + ".ready", "w").close()  # imports done: at the start line
 while not os.path.exists(go):
     time.sleep(0.005)
 data = common.load_dataset("folder", root, 16, "cpu", cache_dir=cache, decode_workers=1)
@@ -230,7 +232,9 @@ def test_two_builders_with_the_same_pid_at_once_publish_one_correct_cache(tmp_pa
     procs = [subprocess.Popen(["unshare", "-p", "-f", "--mount-proc", sys.executable, tmp_path / "two.py", go,
                                root, cache, tmp_path / f"{i}.npy"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for i in range(2)]
-    time.sleep(3)  # both waiting at the start line
+    deadline = time.time() + 300
+    while time.time() < deadline and not all((tmp_path / f"{i}.npy.ready").exists() for i in range(2)):
+        time.sleep(0.05)  # both at the start line, whatever their imports took
     go.touch()
     results = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, results):
