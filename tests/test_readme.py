@@ -107,8 +107,8 @@ def test_the_readme_is_a_front_page_of_at_most_300_lines():
     assert n <= 300, f"README.md has {n} lines; move the detail to a docs/ page"
 
 
-# An issue number ("issue 21", "issues 3 and 4", "(#21)", "#21") means nothing to a reader without the tracker;
-# "pytorch#125544" (an upstream tracker, named) is a reference and allowed.
+# An issue number (the word issue, or a "#", followed by digits) means nothing to a reader without the tracker;
+# an upstream tracker named before the "#" (pytorch#N) is a reference and allowed.
 ISSUE = re.compile(r"\bissues? #?\d+|(?<![\w/#])#\d+\b", re.I)
 # A path of the machine the text was written on; DIR, DATA_ROOT, runs/<run> are the placeholders to use.
 MACHINE_PATH = re.compile(r"(?<![\w.])/(?:work|tmp|root|home)/")
@@ -121,8 +121,8 @@ def offending_lines(path, pattern):
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_the_readme_and_docs_name_no_issue_numbers_and_no_machine_paths(page):
-    """The README and the docs pages give the reason itself, not "issue 21", and placeholders (DIR, DATA_ROOT),
-    not a path of the machine they were measured on (/work/before, /tmp/digits, /root/...). Catches a pointer to
+    """The README and the docs pages give the reason itself, not an issue number, and placeholders (DIR, DATA_ROOT),
+    not a path of the machine they were measured on (under its work, tmp, root or home folders). Catches a pointer to
     a tracker the reader cannot see, or a command that works only on the author's machine."""
     bad = offending_lines(page, ISSUE) + offending_lines(page, MACHINE_PATH)
     assert bad == [], "\n".join(bad)
@@ -135,7 +135,7 @@ CODE = sorted(p for p in ROOT.rglob("*.py") if ".venv" not in p.parts)
                          "another branch rewrites them: enable this test once it has been merged")
 @pytest.mark.parametrize("path", CODE, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_the_code_names_no_issue_numbers_and_no_machine_paths(path):
-    """The same rule for every .py file's comments, docstrings and messages. Catches "see issue 21" in a comment
+    """The same rule for every .py file's comments, docstrings and messages. Catches "see issue N" in a comment
     that should say what went wrong, and a usage example that runs only on the author's machine."""
     bad = offending_lines(path, ISSUE) + offending_lines(path, MACHINE_PATH)
     assert bad == [], "\n".join(bad)
