@@ -131,8 +131,6 @@ def test_the_readme_and_docs_name_no_issue_numbers_and_no_machine_paths(page):
 CODE = sorted(p for p in ROOT.rglob("*.py") if ".venv" not in p.parts)
 
 
-@pytest.mark.skip(reason="the scripts and tests still cite issue numbers and /tmp, /work paths in comments and docstrings; "
-                         "another branch rewrites them: enable this test once it has been merged")
 @pytest.mark.parametrize("path", CODE, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_the_code_names_no_issue_numbers_and_no_machine_paths(path):
     """The same rule for every .py file's comments, docstrings and messages. Catches "see issue N" in a comment
