@@ -251,10 +251,11 @@ def test_dataset_is_loaded_in_turns(monkeypatch, rank, local_rank, turn):
     is mocked: the agreement's all-reduce sees the flag of this process and, when asked, of a failing other."""
     calls, loaded_after, other_fails_at = [], [], [None]
 
-    def all_reduce(flag, op=None):
+    def all_reduce(flag, op=None, group=None):
         if other_fails_at[0] == len(calls):
             flag.fill_(1.0)
         calls.append(1)
+    monkeypatch.setattr(common, "_patient_group", lambda: None)  # the turns' own process group
     monkeypatch.setattr(common.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(common.dist, "get_world_size", lambda: 16)
     monkeypatch.setattr(common.dist, "get_backend", lambda: "gloo")
