@@ -3,10 +3,13 @@
 Nothing here is a model's story (networks, losses and the loop's body live in each script). The sections, in
 file order, each readable alone; what the scripts call is named, the rest serves it:
 
-  1 command line   ArgumentParser, add_common_args, refuse_unused, the argparse types (positive_int, ...),
-                   fail: bad input is one line and exit 2                                     every script
+  0 (top)          UsageError, Diverged, out_of_memory, fail: what ends a script in one line  every script
+  1 command line   ArgumentParser, add_common_args, refuse_unused, the argparse types (positive_int, ...)
+                                                                                              every script
   2 data           load_dataset, data_options -> ImageData (uint8 images on the device, or a memory map of
                    the decoded cache for celeba, folder, stl10); Batches: the batches, by indexing  every script
+                   the decoded cache: built once in a temp folder of its own, published by a rename, checked
+                   by checksums on every use; a stopped build is continued, gone builders' folders removed
   3 networks       conv_plan (DCGAN's size arithmetic)                                        every script
                    spectral_norm (torch's, with a chosen number of power iterations)   cgan, sngan, sagan
   4 evaluation     Evaluator: classifier-IS/FID for MNIST-like data, torch-fidelity's IS/FID/KID for RGB;
@@ -15,7 +18,8 @@ file order, each readable alone; what the scripts call is named, the rest serves
   6 a run          Run: the face the scripts use (Run(args, script), restore, start, the `with run:` loop's
                    should_stop and end_step, finish); inside it, parts of one job each:    every script
                    part 1 checkpoints and --out (atomic writes, resume's loading)
-                   part 2 StopSignals: Ctrl-C, SIGTERM, SIGUSR1 end the loop after its step
+                   part 2 StopSignals: Ctrl-C, SIGTERM, SIGUSR1 end the loop after its step; before the
+                          loop they raise Stopped (one line, exit 128 + n)
                    part 3 Processes: torchrun's devices, shares of each batch, agreement on stopping
                    part 4 Watchers: NaN stops the run; D's win and look-alike samples are said once
                    part 5 Meter, MetricsLog: statistics, metrics.jsonl, the progress line
@@ -23,7 +27,7 @@ file order, each readable alone; what the scripts call is named, the rest serves
                    EMA (an average of G's weights)                                       sngan, sagan
                    generate: --generate N from a checkpoint                               every script
   7 pictures       save_grid, make_gif, plot_metrics, save_predictions, interpolate, write_generated
-                   (infogan and sagan draw their own figures with some of these)
+                   (infogan draws its own figures with some of these)
 
 Run `python common.py --dataset fashion-mnist` to train and cache the evaluation classifier
 (the scripts do it on first use otherwise) and print its test accuracy, and

@@ -7,6 +7,8 @@
     PROBE_FAIL=RANK:STEP    that process raises at that step (a crashing process must end every process)
     PROBE_SLOW_START=S      rank 0's evaluator takes S seconds more to build (as a first run's classifier training)
     PROBE_SLOW_DATA=S       rank 0 takes S seconds more to load the dataset (as a long cache build) while the others wait
+    PROBE_NO_CHECKPOINT_ON=RANK  that process does not see checkpoint.pt exist (a machine whose view of a shared
+                            folder lags), though it can read it
     PROBE_DATA_FAIL=RANK    that process cannot load the dataset (as a machine whose own --data-root lacks it)
     PROBE_NAN_AT=STEP       every process's G weights become NaN at that step (the losses stay finite until the next
                             forward: only the weight check at a sample step can see it)
@@ -68,6 +70,10 @@ if os.environ.get("PROBE_DATA_FAIL"):
             raise common.UsageError(f"probe: rank {data_fail_rank} finds no data")
         return load_dataset_(*a)
     common._load_dataset = failing_load
+
+if os.environ.get("PROBE_NO_CHECKPOINT_ON") == os.environ.get("RANK"):
+    exists_ = Path.exists
+    Path.exists = lambda self, *a, **kw: False if self.name == "checkpoint.pt" else exists_(self, *a, **kw)
 
 if os.environ.get("PROBE_SLOW_DATA"):
     slow_load_ = common._load_dataset

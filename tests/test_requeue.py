@@ -43,6 +43,23 @@ def test_resume_auto_of_a_finished_run_does_nothing(tmp_path, data_root, capsys)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 5
 
 
+def test_rank_0_decides_resume_auto_for_every_process(tmp_path, data_root):
+    """Under torchrun, process 1 does not see the checkpoint that process 0 sees (a shared folder whose view lags on
+    one machine): --resume auto must resume in both, from rank 0's decision, and end at the asked step. Catches
+    a decision per process: process 1 starts afresh at step 0 while process 0 continues at step 2, and their
+    collectives no longer pair (a hang until the timeout, or an error)."""
+    from test_distributed import BASE, PROBE, launch
+    out = tmp_path / "run"
+    flags = [*BASE, "--eval-every", "0", "--data-root", data_root, "--out", out, "--resume", "auto"]
+    assert run_script(dcgan, flags + ["--max-steps", "2"])[0] == 0
+    r = launch([PROBE, "dcgan", *flags, "--max-steps", "4", "--dist-timeout-minutes", "1"], ROOT,
+               env={"PROBE_NO_CHECKPOINT_ON": "1"}, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+    steps = [row["step"] for row in rows(out) if "loss_d" in row]
+    assert steps == sorted(set(steps)), steps  # one log, continued: no second run from step 0
+
+
 def test_the_watchers_state_survives_a_resume(tmp_path, data_root):
     """The watchers' counters are in the checkpoint and come back: a resumed run continues the look-alike count from
     where it was (a run preempted more often than every ALIKE_STEPS could never say it otherwise) and does not say
