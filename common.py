@@ -278,7 +278,14 @@ def resume(args, script, procs=None):
         args.overwrite = args.resume is None
     if not args.resume:
         return args, None
-    state = load_checkpoint(args.resume, script)
+    try:
+        state, error = load_checkpoint(args.resume, script), None
+    except UsageError as e:
+        state, error = None, e
+    if procs and procs.agree(error is not None)[0] and not error:  # every process stops, not the one alone
+        error = UsageError("another process could not read the checkpoint (its error is printed above)")
+    if error:
+        raise error
     saved = state["args"]
     def same(a, b):  # a list flag may be saved normalised (sagan's --attn-res: sorted, without repeats)
         return a == b or (isinstance(a, list) and isinstance(b, list) and sorted(set(a)) == sorted(set(b)))

@@ -9,6 +9,7 @@
     PROBE_SLOW_DATA=S       rank 0 takes S seconds more to load the dataset (as a long cache build) while the others wait
     PROBE_NO_CHECKPOINT_ON=RANK  that process does not see checkpoint.pt exist (a machine whose view of a shared
                             folder lags), though it can read it
+    PROBE_NO_READ_ON=RANK   that process cannot read the checkpoint (a damaged copy on its machine)
     PROBE_DATA_FAIL=RANK    that process cannot load the dataset (as a machine whose own --data-root lacks it)
     PROBE_NAN_AT=STEP       every process's G weights become NaN at that step (the losses stay finite until the next
                             forward: only the weight check at a sample step can see it)
@@ -74,6 +75,11 @@ if os.environ.get("PROBE_DATA_FAIL"):
 if os.environ.get("PROBE_NO_CHECKPOINT_ON") == os.environ.get("RANK"):
     exists_ = Path.exists
     Path.exists = lambda self, *a, **kw: False if self.name == "checkpoint.pt" else exists_(self, *a, **kw)
+
+if os.environ.get("PROBE_NO_READ_ON") == os.environ.get("RANK"):
+    def unreadable(path, script):
+        raise common.UsageError(f"probe: checkpoint {path} cannot be read here")
+    common.load_checkpoint = unreadable
 
 if os.environ.get("PROBE_SLOW_DATA"):
     slow_load_ = common._load_dataset

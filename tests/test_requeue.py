@@ -60,6 +60,23 @@ def test_rank_0_decides_resume_auto_for_every_process(tmp_path, data_root):
     assert steps == sorted(set(steps)), steps  # one log, continued: no second run from step 0
 
 
+def test_a_checkpoint_one_process_cannot_read_stops_every_process_in_one_line(tmp_path, data_root):
+    """Under torchrun with --resume auto, process 1 cannot read the checkpoint that process 0 reads: both stop at
+    once, process 1 with its reason and process 0 in one line that says why, exit 2. Catches a load decided per
+    process: process 0 goes on alone into its next collective, and ends only when torchrun kills it, with no word of
+    why (or, without torchrun's agent, after --dist-timeout-minutes)."""
+    from test_distributed import BASE, PROBE, launch
+    out = tmp_path / "run"
+    flags = [*BASE, "--eval-every", "0", "--data-root", data_root, "--out", out, "--resume", "auto"]
+    assert run_script(dcgan, flags + ["--max-steps", "2"])[0] == 0
+    r = launch([PROBE, "dcgan", *flags, "--max-steps", "4", "--dist-timeout-minutes", "1"], ROOT,
+               env={"PROBE_NO_READ_ON": "1"}, timeout=100)
+    ours = r.stderr.split("failed (exitcode")[0]  # what follows is torchrun's own report and traceback
+    assert r.returncode != 0 and "Traceback" not in ours, r.stderr[-3000:]
+    assert "dcgan.py: error: probe: checkpoint" in r.stderr, r.stderr[-3000:]
+    assert "dcgan.py: error: another process could not read the checkpoint" in r.stderr, r.stderr[-3000:]
+
+
 def test_the_watchers_state_survives_a_resume(tmp_path, data_root):
     """The watchers' counters are in the checkpoint and come back: a resumed run continues the look-alike count from
     where it was (a run preempted more often than every ALIKE_STEPS could never say it otherwise) and does not say
