@@ -72,11 +72,11 @@ if os.environ.get("PROBE_DATA_FAIL"):
         return load_dataset_(*a)
     common._load_dataset = failing_load
 
-if os.environ.get("PROBE_NO_CHECKPOINT_ON") == os.environ.get("RANK"):
+if os.environ.get("PROBE_NO_CHECKPOINT_ON") and os.environ["PROBE_NO_CHECKPOINT_ON"] == os.environ.get("RANK"):
     exists_ = Path.exists
     Path.exists = lambda self, *a, **kw: False if self.name == "checkpoint.pt" else exists_(self, *a, **kw)
 
-if os.environ.get("PROBE_NO_READ_ON") == os.environ.get("RANK"):
+if os.environ.get("PROBE_NO_READ_ON") and os.environ["PROBE_NO_READ_ON"] == os.environ.get("RANK"):
     def unreadable(path, script):
         raise common.UsageError(f"probe: checkpoint {path} cannot be read here")
     common.load_checkpoint = unreadable
