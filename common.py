@@ -48,6 +48,7 @@ import signal
 import sys
 import time
 import types
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -732,11 +733,6 @@ CACHE_BLOCK = 64  # images per block: the unit of decoding, of a stopped build's
 CHECKED_BLOCKS = 2
 
 
-def _crc(data):
-    import zlib
-    return zlib.crc32(data)
-
-
 def _file_record(path):
     st = os.stat(path)
     return [st.st_size, st.st_mtime_ns, st.st_ino]
@@ -750,7 +746,7 @@ def _block_sums(file, shape, blocks=None):
     with open(file, "rb") as f:
         for b in range(n) if blocks is None else blocks:
             f.seek(b * CACHE_BLOCK * row)
-            sums[b] = _crc(f.read(min(CACHE_BLOCK, shape[0] - b * CACHE_BLOCK) * row))
+            sums[b] = zlib.crc32(f.read(min(CACHE_BLOCK, shape[0] - b * CACHE_BLOCK) * row))
     return sums
 
 
@@ -762,7 +758,7 @@ def _check_cache(entry, manifest, full=False):
         record = _file_record(file)
         if record[0] != math.prod(shape):
             return f"images.u8 has {record[0]} bytes, not {math.prod(shape)}"
-        if _crc((entry / "labels.npy").read_bytes()) != manifest["labels_crc"]:
+        if zlib.crc32((entry / "labels.npy").read_bytes()) != manifest["labels_crc"]:
             return "labels.npy does not match its checksum"
         full = full or record != manifest["file"]
         blocks = range(len(sums)) if full or not sums else sorted(
@@ -987,7 +983,7 @@ def _decode_resumably(tmp, header, adopted, paths, size, crop, workers, name):
 
     def on_chunk(start, rows, bad):
         # The rows are in the file's pages, shared with any later process even if this one is killed now
-        crc = _crc(np.ascontiguousarray(rows))
+        crc = zlib.crc32(np.ascontiguousarray(rows))
         blocks[start] = (crc, [tuple(b) for b in bad])
         record({"start": start, "crc": crc, "bad": bad})
     try:
@@ -1055,10 +1051,9 @@ def _build_cache(entry, name, root, size, train, signature, paths, labels, k, cr
         np.save(tmp / "labels.npy", labels)
         manifest = {"format": CACHE_FORMAT, "dataset": name, "root": str(Path(root).resolve()), "size": size,
                     "crop": crop, "background": BACKGROUND, "shape": list(shape), "num_classes": k,
-                    "signature": signature, "skipped": len(bad), "skipped_examples": [
-                        f"{Path(paths[i]).relative_to(root)} ({r})" for i, r in bad[:3]],
+                    "signature": signature, **_skipped(bad, paths, root),
                     "block_rows": CACHE_BLOCK, "checksums": [sums[b] for b in range(len(sums))],
-                    "labels_crc": _crc((tmp / "labels.npy").read_bytes()), "file": _file_record(tmp / "images.u8")}
+                    "labels_crc": zlib.crc32((tmp / "labels.npy").read_bytes()), "file": _file_record(tmp / "images.u8")}
         _fsync_write(tmp / "manifest.json", (json.dumps(manifest, indent=1) + "\n").encode())
         return _publish(tmp, entry, signature) or manifest
     except OSError as e:
@@ -1074,6 +1069,11 @@ def _build_cache(entry, name, root, size, train, signature, paths, labels, k, cr
         if not getattr(e, "resumable", False):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _skipped(bad, paths, root):
+    """A manifest's record of the unreadable files: their number and the first three, with their reasons."""
+    return {"skipped": len(bad), "skipped_examples": [f"{Path(paths[i]).relative_to(root)} ({r})" for i, r in bad[:3]]}
 
 
 def _skipped_warning(m, where):
@@ -1156,8 +1156,7 @@ def _load_cached(name, root, size, train, device, opts):
         raise UsageError(f"no readable image under {root}: all {manifest['skipped']} files failed to decode "
                          f"(see {entry / 'skipped.txt'})")
     mode, nbytes = opts.get("in_memory", "auto"), math.prod(shape)
-    if mode == "no" or (mode == "auto" and _fits_on_device(math.prod(shape), device) is None
-                        and not _fits_in_ram(nbytes)):
+    if mode == "no" or (mode == "auto" and data_home(nbytes, device).type == "cpu" and not _fits_in_ram(nbytes)):
         # A memory map of the cache: the OS page cache keeps what fits, shared by every process of the machine.
         # Mode "r" maps the file shared and read-only, which RLIMIT_DATA does not count (a copy-on-write map
         # would); torch warns that the array is not writable, and nothing ever writes to it.
@@ -1167,7 +1166,7 @@ def _load_cached(name, root, size, train, device, opts):
             warnings.simplefilter("ignore", UserWarning)
             images = torch.from_numpy(mapped)
         return ImageData(name, images, labels, manifest["num_classes"], f"memory map of {file}", **known)
-    home = _fits_on_device(nbytes, device) or torch.device("cpu")
+    home = data_home(nbytes, device)
     try:
         if home.type == "cpu":
             images = torch.from_numpy(np.fromfile(file, np.uint8).reshape(shape))
@@ -1187,26 +1186,21 @@ def _load_cached(name, root, size, train, device, opts):
 def _decode_in_memory(name, root, size, train, device, paths, labels, k, crop, opts, decoded=None):
     """No writable cache: decode (or load) into memory for this run, as before caches existed, unless `decoded`
     already holds the (images, labels, classes, bad files) of a build that could not be finished."""
-    if decoded is not None:
-        images, labels, k, bad = decoded
-        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
-        _skipped_warning({"skipped": len(bad), "shape": [len(images)], "skipped_examples": [
-            f"{Path(paths[i]).relative_to(root)} ({r})" for i, r in bad[:3]]}, "not written: no cache")
-        if not len(images):
-            raise UsageError(f"no readable image under {root}: all {len(bad)} files failed to decode")
-    elif paths is None:
+    if decoded is None and paths is None:  # STL-10: torchvision's arrays
         images, labels, k = _load_torchvision(name, root, train)
         images = resize_uint8(images, size)
     else:
-        out = np.empty((len(paths), 3, size, size), np.uint8)
-        bad = _decode_all(paths, size, crop, out, opts.get("workers"), name)
-        keep = _compact(out, bad)
-        images, labels = torch.from_numpy(out[:len(keep)]), torch.from_numpy(labels[keep])
-        _skipped_warning({"skipped": len(bad), "shape": [len(keep)], "skipped_examples": [
-            f"{Path(paths[i]).relative_to(root)} ({r})" for i, r in bad[:3]]}, "not written: no cache")
-        if not len(keep):
+        if decoded is None:
+            out = np.empty((len(paths), 3, size, size), np.uint8)
+            bad = _decode_all(paths, size, crop, out, opts.get("workers"), name)
+            keep = _compact(out, bad)
+            decoded = (out[:len(keep)], labels[keep], k, bad)
+        images, labels, k, bad = decoded
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        _skipped_warning({**_skipped(bad, paths, root), "shape": [len(images)]}, "not written: no cache")
+        if not len(images):
             raise UsageError(f"no readable image under {root}: all {len(bad)} files failed to decode")
-    home = _fits_on_device(images.numel(), device) or torch.device("cpu")
+    home = data_home(images.numel(), device)
     return ImageData(name, images.to(home), labels.to(home), k, _where(home))
 
 
@@ -1244,28 +1238,20 @@ def resize_uint8(images, size, chunk=4096):
     return out
 
 
-def data_home(images, device):
-    """Where a dataset lives: on the training device when it fits, else in host memory.
+def data_home(nbytes, device):
+    """Where a dataset of `nbytes` lives: on the accelerator `device` when it fits, else in host memory.
 
-    CUDA: on the GPU if it takes under half of the free memory (`torch.cuda.mem_get_info`), so
-    CelebA at 64 px (2.5 GB) sits on any recent GPU. MPS: on the device below 2**31 elements
-    (larger MPS buffers fail). Otherwise Batches copies each batch over through pinned staging buffers.
+    CUDA: on the GPU if it takes under half of the free memory (`torch.cuda.mem_get_info`), so CelebA at 64 px
+    (2.5 GB) sits on any recent GPU. MPS: on the device below 2**31 bytes (larger MPS buffers fail). Otherwise
+    Batches copies each batch over through pinned staging buffers.
     """
-    device = torch.device(device)
-    if device.type in ("cuda", "mps"):
-        return _fits_on_device(images.numel() * images.element_size(), device) or torch.device("cpu")
-    return device
-
-
-def _fits_on_device(nbytes, device):
-    """The accelerator `device` when a dataset of `nbytes` belongs there (see data_home), else None."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return device if nbytes < free // 2 else None
+        return device if nbytes < free // 2 else torch.device("cpu")
     if device.type == "mps":
-        return device if nbytes < 2**31 else None
-    return None
+        return device if nbytes < 2**31 else torch.device("cpu")
+    return torch.device("cpu")
 
 
 def _where(home):
@@ -1343,7 +1329,7 @@ def _load_dataset(name, root, image_size, device, train, opts=None):
     else:
         images, labels, k = _load_torchvision(name, root, train)
     images = resize_uint8(images, size)
-    home = data_home(images, device)
+    home = data_home(images.numel(), device)
     return ImageData(name, images.to(home), labels.to(home), k, _where(home))
 
 
@@ -1853,11 +1839,6 @@ def fork_rng(device):
     return torch.random.fork_rng(devices=[])
 
 
-def seed_everything(seed):
-    """All randomness comes from torch's generators (CPU, every CUDA device, MPS)."""
-    torch.manual_seed(seed)
-
-
 def rng_state(device="cpu"):
     """The CPU generator's state and that of the training device, the one this process draws from (under
     torchrun, every process's device generator is in the same state: see Run.randn)."""
@@ -2076,8 +2057,8 @@ class Stopped(BaseException):
     the work in progress is left as it is (a cache build continues next time), the script says so in one line and
     exits with 128 + the signal's number. A BaseException, as KeyboardInterrupt: no `except Exception` swallows it."""
 
-    def __init__(self, signum, what="before training began"):
-        super().__init__(f"stopped by {signal.Signals(signum).name} {what}")
+    def __init__(self, signum):
+        super().__init__(f"stopped by {signal.Signals(signum).name} before training began")
         self.signum = signum
 
 
@@ -2455,7 +2436,7 @@ class Run:
         if error:  # in every process, not only rank 0
             raise UsageError(error)
         if_finished(self, args.max_steps)  # before the data is loaded, which may take long
-        seed_everything(args.seed)  # the same in every process: the same initial networks
+        torch.manual_seed(args.seed)  # every generator (CPU, CUDA, MPS); the same in every process: the same networks
         self.signals = StopSignals()
         self.signals.install()  # from here: a scheduler's SIGTERM may come while the data is decoded
 
@@ -2687,21 +2668,14 @@ def end_run(run, kind, err):
     checkpoint stays and the run exits 1; on a failed write, one line and exit 1. The signal handlers are restored
     only at the end: a repeated SIGTERM during the final save must not kill it."""
     try:
-        return _end_run(run, kind, err)
-    finally:
-        run.signals.restore()
-
-
-def _end_run(run, kind, err):
-    if run.logfile.tty:
-        print()
-    if kind is not None and run.signals.caught and run.world > 1 and not issubclass(kind, (Diverged, OSError)):
-        # Under torchrun a signal also comes when torchrun ends the survivors of a process that failed: the
-        # next collective then fails here (a peer is gone). Nothing to add to the failed process's message.
-        print(f"{run.script}.py: stopped by {run.signals.name} at step {run.step} (another process ended first)",
-              file=sys.stderr)
-        raise SystemExit(128 + run.signals.caught) from None
-    try:
+        if run.logfile.tty:
+            print()
+        if kind is not None and run.signals.caught and run.world > 1 and not issubclass(kind, (Diverged, OSError)):
+            # Under torchrun a signal also comes when torchrun ends the survivors of a process that failed: the
+            # next collective then fails here (a peer is gone). Nothing to add to the failed process's message.
+            print(f"{run.script}.py: stopped by {run.signals.name} at step {run.step} (another process ended first)",
+                  file=sys.stderr)
+            raise SystemExit(128 + run.signals.caught) from None
         if kind is not None and issubclass(kind, OSError):
             raise err
         if kind is None:
@@ -2736,43 +2710,41 @@ def _end_run(run, kind, err):
         if run.rank == 0:
             cannot_write(run, e)
         raise
+    finally:
+        run.signals.restore()
     return False
 
 
 def finish_run(run):
     """Run.finish: the final evaluation, plots and figures, and the summary line; a failed write is one line."""
     try:
-        return _finish_run(run)
+        metrics = run.metrics if run._eval_step == run.step else evaluate_run(run)
+        plot_run(run)
+        g = torch.Generator(run.device).manual_seed(run.args.seed + 3)
+        rows = run.num_classes or 8  # conditional: one class per row
+        z0, z1 = run.noise(rows, g), run.noise(rows, g)
+        path = torch.stack([interpolate(a, b, 10, "slerp") for a, b in zip(z0, z1)])  # (rows, 10 steps, latent)
+        y = torch.arange(rows, device=run.device).repeat_interleave(10) if run.num_classes else None
+        save_grid(run.sample(path.flatten(0, 1), y), run.dir / "interpolation.png", nrow=10)
+        if run.evaluator.classifier is not None:
+            y20 = balanced_labels(20, run.num_classes, run.device) if run.num_classes else None
+            save_predictions(run.evaluator, run.sample(run.noise(20, g), y20), run.dir / "predictions.png",
+                             y20, CLASS_NAMES.get(run.args.dataset))
+        summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_std"))
+        source = f"{metrics['eval_source']}; {metrics['n_gen']} generated vs {metrics['n_real']} real" if metrics else \
+            run.evaluator.source
+        if run.step < run.total:
+            reason = "time limit (--max-minutes)"
+        elif run.args.max_steps and run.step >= run.args.max_steps:
+            reason = "done (--max-steps)"
+        else:  # --epochs caps --max-steps silently otherwise: say so
+            reason = f"done (--epochs {run.args.epochs} reached)"
+        print(f"{run.script}: {reason} at step {run.step} (epoch {run.batches.epoch}, {run.logfile.elapsed() / 60:.1f} "
+              f"min, {run.precision}, data in {run.data.where}) {summary or 'no metrics'} [{source}] -> {run.dir}",
+              flush=True)
+        return run.dir
     except OSError as e:
         cannot_write(run, e)
-
-
-def _finish_run(run):
-    metrics = run.metrics if run._eval_step == run.step else evaluate_run(run)
-    plot_run(run)
-    g = torch.Generator(run.device).manual_seed(run.args.seed + 3)
-    rows = run.num_classes or 8  # conditional: one class per row
-    z0, z1 = run.noise(rows, g), run.noise(rows, g)
-    path = torch.stack([interpolate(a, b, 10, "slerp") for a, b in zip(z0, z1)])  # (rows, 10 steps, latent)
-    y = torch.arange(rows, device=run.device).repeat_interleave(10) if run.num_classes else None
-    save_grid(run.sample(path.flatten(0, 1), y), run.dir / "interpolation.png", nrow=10)
-    if run.evaluator.classifier is not None:
-        y20 = balanced_labels(20, run.num_classes, run.device) if run.num_classes else None
-        save_predictions(run.evaluator, run.sample(run.noise(20, g), y20), run.dir / "predictions.png",
-                         y20, CLASS_NAMES.get(run.args.dataset))
-    summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_std"))
-    source = f"{metrics['eval_source']}; {metrics['n_gen']} generated vs {metrics['n_real']} real" if metrics else \
-        run.evaluator.source
-    if run.step < run.total:
-        reason = "time limit (--max-minutes)"
-    elif run.args.max_steps and run.step >= run.args.max_steps:
-        reason = "done (--max-steps)"
-    else:  # --epochs caps --max-steps silently otherwise: say so
-        reason = f"done (--epochs {run.args.epochs} reached)"
-    print(f"{run.script}: {reason} at step {run.step} (epoch {run.batches.epoch}, {run.logfile.elapsed() / 60:.1f} "
-          f"min, {run.precision}, data in {run.data.where}) {summary or 'no metrics'} [{source}] -> {run.dir}",
-          flush=True)
-    return run.dir
 
 
 class EMA:

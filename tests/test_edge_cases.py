@@ -263,14 +263,14 @@ def test_batches_come_out_on_the_requested_device_dtype_and_layout():
 def test_data_home_decides_by_free_memory(monkeypatch):
     """CUDA: the dataset goes to the GPU when under half of the free memory, else stays on the host; MPS: below 2**31
     elements. Catches a comparison the wrong way round and total instead of free memory."""
-    images = torch.zeros(1, dtype=torch.uint8).expand(1000)  # 1000 bytes, no memory
+    nbytes = 1000
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2002, 10**9))  # half: 1001 > 1000
-    assert common.data_home(images, "cuda").type == "cuda"
+    assert common.data_home(nbytes, "cuda").type == "cuda"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1998, 10**9))
-    assert common.data_home(images, "cuda").type == "cpu"
-    assert common.data_home(torch.zeros(1, dtype=torch.uint8).expand(2**31), "mps").type == "cpu"
-    assert common.data_home(images, "mps").type == "mps"
-    assert common.data_home(images, "cpu").type == "cpu"
+    assert common.data_home(nbytes, "cuda").type == "cpu"
+    assert common.data_home(2**31, "mps").type == "cpu"
+    assert common.data_home(nbytes, "mps").type == "mps"
+    assert common.data_home(nbytes, "cpu").type == "cpu"
 
 
 def test_precision_decides_per_device(monkeypatch):
