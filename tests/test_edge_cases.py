@@ -262,7 +262,7 @@ def test_batches_come_out_on_the_requested_device_dtype_and_layout():
 
 def test_data_home_decides_by_free_memory(monkeypatch):
     """CUDA: the dataset goes to the GPU when under half of the free memory, else stays on the host; MPS: below 2**31
-    elements. Catches a comparison the wrong way round and total instead of free memory."""
+    bytes. Catches a comparison the wrong way round and total instead of free memory."""
     nbytes = 1000
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2002, 10**9))  # half: 1001 > 1000
     assert common.data_home(nbytes, "cuda").type == "cuda"
