@@ -2911,29 +2911,27 @@ def plot_metrics(metrics_path, out_path, panels):
 
 
 def save_predictions(evaluator, images, path, asked=None, class_names=None):
-    """A figure of samples, each titled with the evaluation classifier's label (and the asked-for one)."""
+    """A figure of samples, each titled with the evaluation classifier's label (and the asked-for one). One picture
+    with the labels written on it: an axes per sample would cost a second per run's end."""
     if evaluator.classifier is None:
         return
     _, probs = evaluator._classify(images)
     pred = probs.argmax(1).tolist()
     name = (lambda k: class_names[k]) if class_names else str
-    cols = 10
-    rows = math.ceil(len(images) / cols)
-    fig = _figure(1.3 * cols, 1.8 * rows)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i >= len(images):
-            continue
-        img = images[i].detach().float().cpu().add(1).div(2).clamp(0, 1).numpy()
-        ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
-        if asked is None:
-            ax.set_title(f"{name(pred[i])}", fontsize=8)
-        else:
-            ok = pred[i] == int(asked[i])
-            ax.set_title(f"{name(int(asked[i]))}->{name(pred[i])}", fontsize=7, color="black" if ok else "red")
+    (n, _, h, w), cols = images.shape, 10
+    rows, band = math.ceil(n / cols), max(h // 3, 6)  # a band of white above each sample holds its label
+    canvas = np.ones((rows * (h + band), cols * (w + 2), 3))
+    fig = _figure(1.3 * cols, 1.3 * cols * canvas.shape[0] / canvas.shape[1] + 0.4)
+    ax = fig.add_axes((0, 0, 1, 1 - 0.4 / fig.get_figheight()))
+    for i, img in enumerate(images.detach().float().cpu().add(1).div(2).clamp(0, 1)):
+        y, x = (i // cols) * (h + band) + band, (i % cols) * (w + 2) + 1
+        canvas[y:y + h, x:x + w] = img.permute(1, 2, 0).expand(h, w, 3).numpy()  # gray shows as gray
+        ok = asked is None or pred[i] == int(asked[i])
+        label = name(pred[i]) if asked is None else f"{name(int(asked[i]))}->{name(pred[i])}"
+        ax.text(x + w / 2, y - 1, label, ha="center", va="bottom", fontsize=7, color="black" if ok else "red")
+    ax.imshow(canvas, vmin=0, vmax=1)
+    ax.axis("off")
     fig.suptitle("classifier's label" + ("" if asked is None else " (asked->seen; red: mismatch)"), fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
