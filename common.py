@@ -2328,9 +2328,6 @@ class Meter:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1
 
-    def __len__(self):
-        return len(self.sums)
-
     def read(self, world=1):
         """Each statistic's mean; under torchrun (world > 1) also averaged over the processes (a collective:
         every process calls it at the same step, with the same statistics)."""
@@ -2680,7 +2677,7 @@ def end_run(run, kind, err):
             raise err
         if kind is None:
             try:
-                if len(run.meter):  # the steps after the last log step
+                if run.meter.sums:  # the steps after the last log step
                     run._log_stats()  # the last collective of the run
             except Diverged as e:
                 kind, err = Diverged, e
