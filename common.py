@@ -2910,8 +2910,6 @@ def plot_metrics(metrics_path, out_path, panels):
 def save_predictions(evaluator, images, path, asked=None, class_names=None):
     """A figure of samples, each titled with the evaluation classifier's label (and the asked-for one). One picture
     with the labels written on it: an axes per sample would cost a second per run's end."""
-    if evaluator.classifier is None:
-        return
     _, probs = evaluator._classify(images)
     pred = probs.argmax(1).tolist()
     name = (lambda k: class_names[k]) if class_names else str
