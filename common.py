@@ -2025,7 +2025,7 @@ def out_dir_problem(out, args, state):
 def prepare_out_dir(out, args, state, step, resolved):
     """A fresh run's --out (with --overwrite: only the files a run writes are removed, never the folder), or a
     resumed run's: the log up to the checkpoint's step (taken along when resumed elsewhere), no later grids.
-    Writes args.json with `resolved` (device, precision, ...). Returns the path of metrics.jsonl."""
+    Writes args.json with `resolved` (device, precision, ...)."""
     if state is None:
         if args.overwrite:
             for p in [out / f for f in RUN_FILES + RUN_PICTURES] + [*out.glob("samples/step_*.png")]:
@@ -2040,7 +2040,6 @@ def prepare_out_dir(out, args, state, step, resolved):
     (out / "samples").mkdir(parents=True, exist_ok=True)
     write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     write_atomic(out / "args.json", json.dumps({**flags(args), "resolved": resolved}, indent=2) + "\n")
-    return out / "metrics.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------
