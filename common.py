@@ -2200,9 +2200,6 @@ def check_weights(objects, step, procs=None):
     """Diverged if a model's weights or statistics are non-finite. With `procs`, every process takes the verdict of
     all (weights are equal in every process, BatchNorm statistics need not be)."""
     tensors = {n: [*obj.parameters(), *obj.buffers()] for n, obj in objects.items() if isinstance(obj, nn.Module)}
-    tensors = {n: ts for n, ts in tensors.items() if ts}
-    if not tensors:
-        return
     bad = [torch.stack([~torch.isfinite(t).all() for t in ts]).any() for ts in tensors.values()]
     bad = torch.stack(bad).float().tolist()  # one sync
     if procs is not None:
