@@ -2189,13 +2189,6 @@ class Processes:
 # 6 A run, part 4: watchers. NaN stops the run; D's win and look-alike samples are said once
 # ----------------------------------------------------------------------------------------------
 
-def check_finite(step, stats):
-    """Raise Diverged if any loss is NaN/inf (called at log steps, where we sync anyway)."""
-    bad = [k for k, v in stats.items() if k.startswith("loss") and not math.isfinite(v)]
-    if bad:
-        raise Diverged(f"{', '.join(bad)} became non-finite at step {step}")
-
-
 def check_weights(objects, step, procs=None):
     """Diverged if a model's weights or statistics are non-finite. With `procs`, every process takes the verdict of
     all (weights are equal in every process, BatchNorm statistics need not be)."""
@@ -2528,7 +2521,9 @@ class Run:
 
     def _log_stats(self):
         stats = self.meter.read(self.world)  # the one host sync of a log step (averaged over the processes)
-        check_finite(self.step, stats)  # the same verdict in every process
+        bad = [k for k, v in stats.items() if k.startswith("loss") and not math.isfinite(v)]
+        if bad:  # the same verdict in every process
+            raise Diverged(f"{', '.join(bad)} became non-finite at step {self.step}")
         self.log(stats, rate=True)
         self.watch.losses(self.step, stats)
 
