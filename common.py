@@ -2470,9 +2470,11 @@ class Run:
         self.total, self.sample, self.panels, self.num_classes = total, sample, panels, num_classes
         self.latent_dim = latent_dim
         if_finished(self, total)  # --epochs may end it before --max-steps
-        self.fixed_z, self.fixed_y = grid_noise(self.noise, self.args.seed + 4, num_classes, self.device)
-        if self.state is not None:
-            self.fixed_z = self.state["fixed_z"].to(self.device)
+        # The sample grids' noise: 64, or one row of the same 10 per class; its own generator shifts no training stream
+        g = torch.Generator(self.device).manual_seed(self.args.seed + 4)
+        z = self.noise(10, g).repeat(num_classes, 1) if num_classes else self.noise(64, g)
+        self.fixed_z = self.state["fixed_z"].to(self.device) if self.state is not None else z
+        self.fixed_y = torch.arange(num_classes, device=self.device).repeat_interleave(10) if num_classes else None
         self.watch = Watchers(self.script, self.args, self.log, d_loss_floor, None, self.fixed_y, self.rank)
         if self.state is not None and "watch" in self.state:
             self.watch.load_state_dict(self.state["watch"])
@@ -2639,15 +2641,6 @@ def plot_run(run):
     plot_class_histogram(run.dir / "metrics.jsonl", run.dir / "class_histogram.png",
                          CLASS_NAMES.get(run.args.dataset))
     make_gif(run.dir / "samples", run.dir / "progress.gif")
-
-
-def grid_noise(noise, seed, num_classes, device):
-    """The sample grids' (z, y): 64 noises, or one row of the same 10 per class. From their own generator: drawing
-    them shifts no training stream."""
-    g = torch.Generator(device).manual_seed(seed)
-    if not num_classes:
-        return noise(64, g), None
-    return noise(10, g).repeat(num_classes, 1), torch.arange(num_classes, device=device).repeat_interleave(10)
 
 
 def end_run(run, kind, err):
