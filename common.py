@@ -2403,7 +2403,7 @@ class Run:
         return run.finish()  # final evaluation, plots, interpolation, predictions, summary
 
     `sample(z, y)`: G's images for noise z (and labels y), G in eval mode. Parts: part 1's checkpoint and --out
-    functions, StopSignals, Processes (`distribute`, `randn`, `rand`, `randint`, `per_process`), Watchers, MetricsLog."""
+    functions, StopSignals, Processes (`distribute`, `randn`, `rand`, `randint`; `procs`), Watchers, MetricsLog."""
 
     def __init__(self, args, script):
         procs = Processes(args) if args.resume == "auto" else None  # the command line's device: the original's
@@ -2443,9 +2443,6 @@ class Run:
 
     def distribute(self, net):  # see Processes.distribute
         return self.procs.distribute(net)
-
-    def per_process(self, n, what="--batch-size"):
-        return self.procs.per_process(n, what)
 
     def randn(self, n, *shape):  # normal noise for a batch of n: this process's rows of one draw made alike in all
         return self.procs.share(torch.randn(n, *shape, device=self.device))
