@@ -2670,12 +2670,11 @@ def end_run(run, kind, err):
                     save_run(run)  # first: what comes after (evaluation, figures) may be cut short
             except Diverged as e:
                 kind, err = Diverged, e
-        if kind is Diverged and run.rank:
-            raise SystemExit(1) from None
         if kind is Diverged:
-            plot_run(run)
-            print(f"{run.script}.py: error: {err}; stopped. Last good checkpoint: {run.dir / 'checkpoint.pt'} "
-                  f"(step {run.saved_step})", file=sys.stderr)
+            if run.rank == 0:
+                plot_run(run)
+                print(f"{run.script}.py: error: {err}; stopped. Last good checkpoint: {run.dir / 'checkpoint.pt'} "
+                      f"(step {run.saved_step})", file=sys.stderr)
             raise SystemExit(1) from None
         if kind is None and run.signals.caught:
             if run.rank == 0:
