@@ -2025,7 +2025,7 @@ def out_dir_problem(out, args, state):
 def prepare_out_dir(out, args, state, step, resolved):
     """A fresh run's --out (with --overwrite: only the files a run writes are removed, never the folder), or a
     resumed run's: the log up to the checkpoint's step (taken along when resumed elsewhere), no later grids.
-    Writes args.json with `resolved` (device, precision, ...). Returns the path of metrics.jsonl."""
+    Writes args.json with `resolved` (device, precision, ...)."""
     if state is None:
         if args.overwrite:
             for p in [out / f for f in RUN_FILES + RUN_PICTURES] + [*out.glob("samples/step_*.png")]:
@@ -2040,7 +2040,6 @@ def prepare_out_dir(out, args, state, step, resolved):
     (out / "samples").mkdir(parents=True, exist_ok=True)
     write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     write_atomic(out / "args.json", json.dumps({**flags(args), "resolved": resolved}, indent=2) + "\n")
-    return out / "metrics.jsonl"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2190,20 +2189,10 @@ class Processes:
 # 6 A run, part 4: watchers. NaN stops the run; D's win and look-alike samples are said once
 # ----------------------------------------------------------------------------------------------
 
-def check_finite(step, stats):
-    """Raise Diverged if any loss is NaN/inf (called at log steps, where we sync anyway)."""
-    bad = [k for k, v in stats.items() if k.startswith("loss") and not math.isfinite(v)]
-    if bad:
-        raise Diverged(f"{', '.join(bad)} became non-finite at step {step}")
-
-
 def check_weights(objects, step, procs=None):
     """Diverged if a model's weights or statistics are non-finite. With `procs`, every process takes the verdict of
     all (weights are equal in every process, BatchNorm statistics need not be)."""
     tensors = {n: [*obj.parameters(), *obj.buffers()] for n, obj in objects.items() if isinstance(obj, nn.Module)}
-    tensors = {n: ts for n, ts in tensors.items() if ts}
-    if not tensors:
-        return
     bad = [torch.stack([~torch.isfinite(t).all() for t in ts]).any() for ts in tensors.values()]
     bad = torch.stack(bad).float().tolist()  # one sync
     if procs is not None:
@@ -2328,9 +2317,6 @@ class Meter:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
             self.counts[k] = self.counts.get(k, 0) + 1
 
-    def __len__(self):
-        return len(self.sums)
-
     def read(self, world=1):
         """Each statistic's mean; under torchrun (world > 1) also averaged over the processes (a collective:
         every process calls it at the same step, with the same statistics)."""
@@ -2417,7 +2403,7 @@ class Run:
         return run.finish()  # final evaluation, plots, interpolation, predictions, summary
 
     `sample(z, y)`: G's images for noise z (and labels y), G in eval mode. Parts: part 1's checkpoint and --out
-    functions, StopSignals, Processes (`distribute`, `randn`, `rand`, `randint`, `per_process`), Watchers, MetricsLog."""
+    functions, StopSignals, Processes (`distribute`, `randn`, `rand`, `randint`; `procs`), Watchers, MetricsLog."""
 
     def __init__(self, args, script):
         procs = Processes(args) if args.resume == "auto" else None  # the command line's device: the original's
@@ -2458,9 +2444,6 @@ class Run:
     def distribute(self, net):  # see Processes.distribute
         return self.procs.distribute(net)
 
-    def per_process(self, n, what="--batch-size"):
-        return self.procs.per_process(n, what)
-
     def randn(self, n, *shape):  # normal noise for a batch of n: this process's rows of one draw made alike in all
         return self.procs.share(torch.randn(n, *shape, device=self.device))
 
@@ -2484,9 +2467,11 @@ class Run:
         self.total, self.sample, self.panels, self.num_classes = total, sample, panels, num_classes
         self.latent_dim = latent_dim
         if_finished(self, total)  # --epochs may end it before --max-steps
-        self.fixed_z, self.fixed_y = grid_noise(self.noise, self.args.seed + 4, num_classes, self.device)
-        if self.state is not None:
-            self.fixed_z = self.state["fixed_z"].to(self.device)
+        # The sample grids' noise: 64, or one row of the same 10 per class; its own generator shifts no training stream
+        g = torch.Generator(self.device).manual_seed(self.args.seed + 4)
+        z = self.noise(10, g).repeat(num_classes, 1) if num_classes else self.noise(64, g)
+        self.fixed_z = self.state["fixed_z"].to(self.device) if self.state is not None else z
+        self.fixed_y = torch.arange(num_classes, device=self.device).repeat_interleave(10) if num_classes else None
         self.watch = Watchers(self.script, self.args, self.log, d_loss_floor, None, self.fixed_y, self.rank)
         if self.state is not None and "watch" in self.state:
             self.watch.load_state_dict(self.state["watch"])
@@ -2535,7 +2520,9 @@ class Run:
 
     def _log_stats(self):
         stats = self.meter.read(self.world)  # the one host sync of a log step (averaged over the processes)
-        check_finite(self.step, stats)  # the same verdict in every process
+        bad = [k for k, v in stats.items() if k.startswith("loss") and not math.isfinite(v)]
+        if bad:  # the same verdict in every process
+            raise Diverged(f"{', '.join(bad)} became non-finite at step {self.step}")
         self.log(stats, rate=True)
         self.watch.losses(self.step, stats)
 
@@ -2653,15 +2640,6 @@ def plot_run(run):
     make_gif(run.dir / "samples", run.dir / "progress.gif")
 
 
-def grid_noise(noise, seed, num_classes, device):
-    """The sample grids' (z, y): 64 noises, or one row of the same 10 per class. From their own generator: drawing
-    them shifts no training stream."""
-    g = torch.Generator(device).manual_seed(seed)
-    if not num_classes:
-        return noise(64, g), None
-    return noise(10, g).repeat(num_classes, 1), torch.arange(num_classes, device=device).repeat_interleave(10)
-
-
 def end_run(run, kind, err):
     """How the loop ended decides what happens (Run.__exit__): after the last step, the last statistics and the
     checkpoint of the last step; after a signal, that too, then exit 128 + its number; on NaN, the last good
@@ -2680,7 +2658,7 @@ def end_run(run, kind, err):
             raise err
         if kind is None:
             try:
-                if len(run.meter):  # the steps after the last log step
+                if run.meter.sums:  # the steps after the last log step
                     run._log_stats()  # the last collective of the run
             except Diverged as e:
                 kind, err = Diverged, e
@@ -2692,12 +2670,11 @@ def end_run(run, kind, err):
                     save_run(run)  # first: what comes after (evaluation, figures) may be cut short
             except Diverged as e:
                 kind, err = Diverged, e
-        if kind is Diverged and run.rank:
-            raise SystemExit(1) from None
         if kind is Diverged:
-            plot_run(run)
-            print(f"{run.script}.py: error: {err}; stopped. Last good checkpoint: {run.dir / 'checkpoint.pt'} "
-                  f"(step {run.saved_step})", file=sys.stderr)
+            if run.rank == 0:
+                plot_run(run)
+                print(f"{run.script}.py: error: {err}; stopped. Last good checkpoint: {run.dir / 'checkpoint.pt'} "
+                      f"(step {run.saved_step})", file=sys.stderr)
             raise SystemExit(1) from None
         if kind is None and run.signals.caught:
             if run.rank == 0:
@@ -2913,8 +2890,6 @@ def plot_metrics(metrics_path, out_path, panels):
 def save_predictions(evaluator, images, path, asked=None, class_names=None):
     """A figure of samples, each titled with the evaluation classifier's label (and the asked-for one). One picture
     with the labels written on it: an axes per sample would cost a second per run's end."""
-    if evaluator.classifier is None:
-        return
     _, probs = evaluator._classify(images)
     pred = probs.argmax(1).tolist()
     name = (lambda k: class_names[k]) if class_names else str

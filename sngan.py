@@ -371,7 +371,7 @@ def train(args):
     batches = run.restore(data, **objects, **({"G_ema": ema} if ema else {}))  # with --resume: their saved states
     G_ddp, D_ddp = run.distribute(G), run.distribute(D)  # under torchrun: DDP, gradients averaged; else G, D
     g_batch = args.g_batch_size or 2 * args.batch_size
-    run.per_process(g_batch, "--g-batch-size")  # under torchrun: it must split evenly, like --batch-size
+    run.procs.per_process(g_batch, "--g-batch-size")  # under torchrun: it must split evenly, like --batch-size
     sigmas = [f"sigma_{i}" for i in range(len(sn_layers(D)))]
     step = run.start(total, lambda z, y: sample_images(ema.ready() if ema else G, z, y), latent_dim=args.latent_dim,
                      num_classes=K or None, d_loss_floor=None if args.loss == "wasserstein" else 0, panels=[  # hinge, ns >= 0
