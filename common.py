@@ -424,34 +424,32 @@ def _load_torchvision(name, root, train):
 
     def make(download):
         if name == "usps":
-            return [tvd.USPS(root, train=train, download=download)]
+            return tvd.USPS(root, train=train, download=download)
         if name == "cifar10":
-            return [tvd.CIFAR10(root, train=train, download=download)]
+            return tvd.CIFAR10(root, train=train, download=download)
         # STL-10 for training: the 100k unlabelled images and the 5k labelled training images, as the SNGAN
         # authors trained (their labels are dropped: one class, as CelebA, so --conditional is refused).
-        return [tvd.STL10(root, split="train+unlabeled" if train else "test", download=download)]
+        return tvd.STL10(root, split="train+unlabeled" if train else "test", download=download)
 
     try:
         try:
-            parts = make(download=False)
+            ds = make(download=False)
         except Exception:
-            parts = _download(lambda: make(download=True), root)
+            ds = _download(lambda: make(download=True), root)
     except Exception as e:
         raise UsageError(f"{name} not found in {root} and could not be downloaded ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]}); run once online or copy torchvision's "
                          f"{name} files into {root}") from None
-    imgs, labs = [], []
-    for ds in parts:
-        data = np.asarray(ds.data)
-        if data.ndim == 3:  # (N, H, W) grayscale
-            data = data[:, None]
-        elif data.shape[-1] == 3:  # (N, H, W, 3) -> (N, 3, H, W)
-            data = data.transpose(0, 3, 1, 2)
-        imgs.append(torch.from_numpy(np.ascontiguousarray(data)))
-        labs.append(torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.int64))
+    data = np.asarray(ds.data)
+    if data.ndim == 3:  # (N, H, W) grayscale
+        data = data[:, None]
+    elif data.shape[-1] == 3:  # (N, H, W, 3) -> (N, 3, H, W)
+        data = data.transpose(0, 3, 1, 2)
+    images = torch.from_numpy(np.ascontiguousarray(data))
     if name == "stl10" and train:  # labels are -1 on the unlabelled images: the training set has no classes
-        return torch.cat(imgs), torch.zeros(sum(len(i) for i in imgs), dtype=torch.int64), 1
-    return torch.cat(imgs), torch.cat(labs), 10
+        return images, torch.zeros(len(images), dtype=torch.int64), 1
+    labels = np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels)
+    return images, torch.as_tensor(labels, dtype=torch.int64), 10
 
 
 # Image files (celeba, folder) and STL-10's arrays are decoded once into a cache on disk: a raw uint8 array
