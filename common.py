@@ -536,9 +536,7 @@ def _decode_worker(tasks, results, parent):
 
 def decode_workers(n=None):
     """--decode-workers, default: the cores this process may run on."""
-    if n:
-        return n
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return n or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _decode_all(paths, size, crop, out, workers, what, chunk=64, starts=None, on_chunk=None):
@@ -1311,8 +1309,7 @@ def _patient_group():
 
 
 def data_options(args):
-    """The keyword arguments of load_dataset that come from the data flags (--cache-dir, --decode-workers,
-    --data-in-memory)."""
+    """load_dataset's keyword arguments from the data flags."""
     return {"cache_dir": args.cache_dir, "decode_workers": args.decode_workers, "in_memory": args.data_in_memory}
 
 
