@@ -1389,10 +1389,8 @@ class Batches:
             torch.index_select(self.data.labels, 0, idx, out=y_pin)
             x, y = x_pin.to(self.device, non_blocking=True), y_pin.to(self.device, non_blocking=True)
             done.record()
-        elif self.data.mapped:
-            x, y = self._gather(idx).to(self.device), self.data.labels[idx].to(self.device)
         else:
-            x, y = self.data.images[idx].to(self.device), self.data.labels[idx].to(self.device)
+            x, y = self._gather(idx).to(self.device), self.data.labels[idx].to(self.device)
         return to_float(x).contiguous(memory_format=self.memory_format), y
 
 
