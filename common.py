@@ -1505,7 +1505,6 @@ def get_classifier(dataset, data_root, device):
     Trained on the real training split at the dataset's native size; generated images are
     resized to that size before they are classified.
     """
-    device = torch.device(device)
     size = NATIVE_SIZE[dataset]
     path = Path(data_root) / "classifiers" / f"{dataset}-{size}px.pt"
     if path.exists():
@@ -1558,6 +1557,7 @@ def load_inception(weights, device):
     or None, the words for the evaluation records). `weights`: a local copy of its weights file (else
     torch-fidelity's download, from the torch hub cache when offline)."""
     try:
+        import torch_fidelity
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError:
         return None, "IS/FID/KID skipped: torch-fidelity is not installed (pip install torch-fidelity)"
@@ -1570,24 +1570,18 @@ def load_inception(weights, device):
                              f"({type(e).__name__})") from None
         return None, (f"IS/FID/KID skipped: torch-fidelity's Inception weights could not be downloaded "
                       f"({type(e).__name__}); pass --inception-weights PATH to a copy of {INCEPTION_FILE}")
-    return net.to(device), f"IS/FID/KID: torch-fidelity {_fidelity_version()} inception-v3-compat (TF Inception " \
-                           f"weights{', ' + Path(weights).name if weights else ''}), 2048-d pool features"
+    return net.to(device), (f"IS/FID/KID: torch-fidelity {torch_fidelity.__version__} inception-v3-compat (TF "
+                            f"Inception weights{', ' + Path(weights).name if weights else ''}), 2048-d pool features")
 
 
-def _fidelity_version():
-    import torch_fidelity
-    return torch_fidelity.__version__
-
-
-def fidelity_metrics(gen_features, gen_logits, real_features, real_stats=None):
+def fidelity_metrics(gen_features, gen_logits, real_features, real_stats):
     """IS, FID and KID with torch-fidelity's own functions and defaults (IS: 10 splits of the shuffled samples;
     FID: float64 covariances, float32 means as the reference TF code; KID: 100 subsets of min(1000, N) samples,
     cubic polynomial kernel), so that the numbers equal torch_fidelity.calculate_metrics on the same images.
-    `real_stats` caches the real FID side."""
+    `real_stats`: the real side's FID statistics, which the caller computes once."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
-    real_stats = real_stats or fid_features_to_statistics(real_features)
     n = min(len(gen_features), len(real_features))
     isc = isc_features_to_metric(gen_logits, splits=min(10, len(gen_logits)))  # fewer splits only below 10 samples
     fid = fid_statistics_to_metric(fid_features_to_statistics(gen_features), real_stats, verbose=False)
