@@ -424,34 +424,32 @@ def _load_torchvision(name, root, train):
 
     def make(download):
         if name == "usps":
-            return [tvd.USPS(root, train=train, download=download)]
+            return tvd.USPS(root, train=train, download=download)
         if name == "cifar10":
-            return [tvd.CIFAR10(root, train=train, download=download)]
+            return tvd.CIFAR10(root, train=train, download=download)
         # STL-10 for training: the 100k unlabelled images and the 5k labelled training images, as the SNGAN
         # authors trained (their labels are dropped: one class, as CelebA, so --conditional is refused).
-        return [tvd.STL10(root, split="train+unlabeled" if train else "test", download=download)]
+        return tvd.STL10(root, split="train+unlabeled" if train else "test", download=download)
 
     try:
         try:
-            parts = make(download=False)
+            ds = make(download=False)
         except Exception:
-            parts = _download(lambda: make(download=True), root)
+            ds = _download(lambda: make(download=True), root)
     except Exception as e:
         raise UsageError(f"{name} not found in {root} and could not be downloaded ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]}); run once online or copy torchvision's "
                          f"{name} files into {root}") from None
-    imgs, labs = [], []
-    for ds in parts:
-        data = np.asarray(ds.data)
-        if data.ndim == 3:  # (N, H, W) grayscale
-            data = data[:, None]
-        elif data.shape[-1] == 3:  # (N, H, W, 3) -> (N, 3, H, W)
-            data = data.transpose(0, 3, 1, 2)
-        imgs.append(torch.from_numpy(np.ascontiguousarray(data)))
-        labs.append(torch.as_tensor(np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels), dtype=torch.int64))
+    data = np.asarray(ds.data)
+    if data.ndim == 3:  # (N, H, W) grayscale
+        data = data[:, None]
+    elif data.shape[-1] == 3:  # (N, H, W, 3) -> (N, 3, H, W)
+        data = data.transpose(0, 3, 1, 2)
+    images = torch.from_numpy(np.ascontiguousarray(data))
     if name == "stl10" and train:  # labels are -1 on the unlabelled images: the training set has no classes
-        return torch.cat(imgs), torch.zeros(sum(len(i) for i in imgs), dtype=torch.int64), 1
-    return torch.cat(imgs), torch.cat(labs), 10
+        return images, torch.zeros(len(images), dtype=torch.int64), 1
+    labels = np.asarray(ds.targets if hasattr(ds, "targets") else ds.labels)
+    return images, torch.as_tensor(labels, dtype=torch.int64), 10
 
 
 # Image files (celeba, folder) and STL-10's arrays are decoded once into a cache on disk: a raw uint8 array
@@ -538,9 +536,7 @@ def _decode_worker(tasks, results, parent):
 
 def decode_workers(n=None):
     """--decode-workers, default: the cores this process may run on."""
-    if n:
-        return n
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return n or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _decode_all(paths, size, crop, out, workers, what, chunk=64, starts=None, on_chunk=None):
@@ -1313,8 +1309,7 @@ def _patient_group():
 
 
 def data_options(args):
-    """The keyword arguments of load_dataset that come from the data flags (--cache-dir, --decode-workers,
-    --data-in-memory)."""
+    """load_dataset's keyword arguments from the data flags."""
     return {"cache_dir": args.cache_dir, "decode_workers": args.decode_workers, "in_memory": args.data_in_memory}
 
 
@@ -1394,10 +1389,8 @@ class Batches:
             torch.index_select(self.data.labels, 0, idx, out=y_pin)
             x, y = x_pin.to(self.device, non_blocking=True), y_pin.to(self.device, non_blocking=True)
             done.record()
-        elif self.data.mapped:
-            x, y = self._gather(idx).to(self.device), self.data.labels[idx].to(self.device)
         else:
-            x, y = self.data.images[idx].to(self.device), self.data.labels[idx].to(self.device)
+            x, y = self._gather(idx).to(self.device), self.data.labels[idx].to(self.device)
         return to_float(x).contiguous(memory_format=self.memory_format), y
 
 
@@ -1512,7 +1505,6 @@ def get_classifier(dataset, data_root, device):
     Trained on the real training split at the dataset's native size; generated images are
     resized to that size before they are classified.
     """
-    device = torch.device(device)
     size = NATIVE_SIZE[dataset]
     path = Path(data_root) / "classifiers" / f"{dataset}-{size}px.pt"
     if path.exists():
@@ -1565,6 +1557,7 @@ def load_inception(weights, device):
     or None, the words for the evaluation records). `weights`: a local copy of its weights file (else
     torch-fidelity's download, from the torch hub cache when offline)."""
     try:
+        import torch_fidelity
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError:
         return None, "IS/FID/KID skipped: torch-fidelity is not installed (pip install torch-fidelity)"
@@ -1577,24 +1570,18 @@ def load_inception(weights, device):
                              f"({type(e).__name__})") from None
         return None, (f"IS/FID/KID skipped: torch-fidelity's Inception weights could not be downloaded "
                       f"({type(e).__name__}); pass --inception-weights PATH to a copy of {INCEPTION_FILE}")
-    return net.to(device), f"IS/FID/KID: torch-fidelity {_fidelity_version()} inception-v3-compat (TF Inception " \
-                           f"weights{', ' + Path(weights).name if weights else ''}), 2048-d pool features"
+    return net.to(device), (f"IS/FID/KID: torch-fidelity {torch_fidelity.__version__} inception-v3-compat (TF "
+                            f"Inception weights{', ' + Path(weights).name if weights else ''}), 2048-d pool features")
 
 
-def _fidelity_version():
-    import torch_fidelity
-    return torch_fidelity.__version__
-
-
-def fidelity_metrics(gen_features, gen_logits, real_features, real_stats=None):
+def fidelity_metrics(gen_features, gen_logits, real_features, real_stats):
     """IS, FID and KID with torch-fidelity's own functions and defaults (IS: 10 splits of the shuffled samples;
     FID: float64 covariances, float32 means as the reference TF code; KID: 100 subsets of min(1000, N) samples,
     cubic polynomial kernel), so that the numbers equal torch_fidelity.calculate_metrics on the same images.
-    `real_stats` caches the real FID side."""
+    `real_stats`: the real side's FID statistics, which the caller computes once."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
-    real_stats = real_stats or fid_features_to_statistics(real_features)
     n = min(len(gen_features), len(real_features))
     isc = isc_features_to_metric(gen_logits, splits=min(10, len(gen_logits)))  # fewer splits only below 10 samples
     fid = fid_statistics_to_metric(fid_features_to_statistics(gen_features), real_stats, verbose=False)
