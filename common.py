@@ -137,7 +137,11 @@ def _number(kind, test, wanted):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not (math.isfinite(value) and test(value)):
+        try:
+            ok = math.isfinite(value) and test(value)
+        except OverflowError:  # an integer too large for a float
+            ok = False
+        if not ok:
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
     parse.__name__ = wanted  # argparse names the type in some messages

@@ -59,7 +59,8 @@ def below_minimum(flag, value):
 
 GENERIC = [("--max-minutes", "-1"), ("--max-minutes", "0"), ("--lr-g", "-1"), ("--lr-d", "0"), ("--beta1", "1"),
            ("--beta2", "-0.1"), ("--batch-size", "0"), ("--eval-every", "-1"), ("--eval-samples", "0"),
-           ("--dataset", "imagenet"), ("--lr-g", "abc"), ("--max-minutes", "nan"), ("--max-minutes", "inf")]
+           ("--dataset", "imagenet"), ("--lr-g", "abc"), ("--max-minutes", "nan"), ("--max-minutes", "inf"),
+           ("--max-steps", "1" + "0" * 400)]  # an integer too large for a float: math.isfinite overflowed
 SPECIFIC = [("--gp-weight", "-1"), ("--drift", "-1"), ("--clip", "0"), ("--clip", "-0.01"), ("--d-dropout", "1"),
             ("--info-weight", "-1"), ("--ema", "1"), ("--n-dis", "0")]
 
