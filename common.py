@@ -140,7 +140,7 @@ def _number(kind, test, wanted):
         try:
             ok = math.isfinite(value) and test(value)
         except OverflowError:  # an integer too large for a float
-            ok = False
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got a {len(text)}-digit number") from None
         if not ok:
             raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
