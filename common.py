@@ -2883,6 +2883,7 @@ def save_predictions(evaluator, images, path, asked=None, class_names=None):
     with the labels written on it: an axes per sample would cost a second per run's end."""
     _, probs = evaluator._classify(images)
     pred = probs.argmax(1).tolist()
+    asked = None if asked is None else asked.tolist()  # one device sync, not one per sample
     name = (lambda k: class_names[k]) if class_names else str
     (n, _, h, w), cols = images.shape, 10
     rows, band = math.ceil(n / cols), max(h // 3, 6)  # a band of white above each sample holds its label
@@ -2892,8 +2893,8 @@ def save_predictions(evaluator, images, path, asked=None, class_names=None):
     for i, img in enumerate(images.detach().float().cpu().add(1).div(2).clamp(0, 1)):
         y, x = (i // cols) * (h + band) + band, (i % cols) * (w + 2) + 1
         canvas[y:y + h, x:x + w] = img.permute(1, 2, 0).expand(h, w, 3).numpy()  # gray shows as gray
-        ok = asked is None or pred[i] == int(asked[i])
-        label = name(pred[i]) if asked is None else f"{name(int(asked[i]))}->{name(pred[i])}"
+        ok = asked is None or pred[i] == asked[i]
+        label = name(pred[i]) if asked is None else f"{name(asked[i])}->{name(pred[i])}"
         ax.text(x + w / 2, y - 1, label, ha="center", va="bottom", fontsize=7, color="black" if ok else "red")
     ax.imshow(canvas, vmin=0, vmax=1)
     ax.axis("off")

@@ -7,11 +7,13 @@ Each test's docstring names the plausible bug it catches.
 import json
 import math
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cgan
 import common
@@ -427,3 +429,21 @@ def test_plots_draw_every_key_of_a_panel(tmp_path, monkeypatch):
     sigma_ax, left_ax, right_ax = figures[0].axes
     assert [ln.get_label() for ln in sigma_ax.get_lines()] == [f"sigma_{i}" for i in range(6)]
     assert len(left_ax.get_lines()) == 1 and len(right_ax.get_lines()) == 2
+
+
+@pytest.mark.parametrize("channels, n", [(1, 20), (3, 7)])
+def test_predictions_figure_shows_every_sample_and_marks_mismatches_red(tmp_path, channels, n):
+    """save_predictions' one picture: every sample's pixels are drawn (a mid-grey sample shows as grey), and a
+    label that differs from the asked-for class is red, none when all match. Catches a canvas left white, samples
+    drawn over one another, and the mismatch colour lost."""
+    from PIL import Image
+    images = torch.zeros(n, channels, 28, 28)  # 0 in [-1, 1]: grey 0.5
+    evaluator = types.SimpleNamespace(_classify=lambda x: (None, F.one_hot(torch.arange(len(x)) % 10, 10).float()))
+    for asked, red in ((torch.arange(n) % 10, False), ((torch.arange(n) + 1) % 10, True)):
+        path = tmp_path / f"p{red}.png"
+        common.save_predictions(evaluator, images, path, asked)
+        rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        grey = (abs(rgb - 128) < 8).all(-1)
+        assert grey.sum() > 0.9 * n * 28 * 28 * (rgb.shape[1] / (10 * 30)) ** 2, "samples missing"
+        is_red = (rgb[..., 0] > 200) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)
+        assert is_red.any() == red
