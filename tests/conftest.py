@@ -18,6 +18,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.full)
 
 
+@pytest.fixture(autouse=True)
+def figures_only_where_looked_at(request, monkeypatch):
+    """Drawing a run's figures (losses.png, class_histogram.png, progress.gif: common.plot_run) is matplotlib's
+    layout work, about 40% of a few-step in-process run. The smoke tier and the tests marked `figures` draw them
+    and look at them; in every other test the run reaches plot_run and nothing is drawn. Subprocess runs draw."""
+    if request.node.path.name != SMOKE and request.node.get_closest_marker("figures") is None:
+        import common
+        monkeypatch.setattr(common, "plot_run", lambda run: None)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
     """One data root for the session, so the fake dataset's classifier is trained once."""

@@ -27,97 +27,105 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
-if os.environ.get("PROBE_NO_BATCHNORM"):
-    class NoBatchNorm(nn.Module):
-        """BatchNorm's scale and shift without its batch statistics."""
 
-        def __init__(self, channels, eps=1e-5, momentum=0.1, affine=True):
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(channels)) if affine else None
-            self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
+def install(env, patch=setattr):
+    """The changes `env` asks for (its PROBE_* variables). `patch(obj, name, value)` makes each: setattr in the
+    launched process, pytest's monkeypatch.setattr for a run inside the test's own process (undone after it)."""
+    if env.get("PROBE_NO_BATCHNORM"):
+        class NoBatchNorm(nn.Module):
+            """BatchNorm's scale and shift without its batch statistics."""
 
-        def forward(self, x):
-            if self.weight is None:
-                return x
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            return x * self.weight.view(shape) + self.bias.view(shape)
-    nn.BatchNorm1d = nn.BatchNorm2d = NoBatchNorm
+            def __init__(self, channels, eps=1e-5, momentum=0.1, affine=True):
+                super().__init__()
+                self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+                self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
 
-if os.environ.get("PROBE_FAIL"):
-    fail_rank, fail_step = map(int, os.environ["PROBE_FAIL"].split(":"))
-    end_step = common.Run.end_step
+            def forward(self, x):
+                if self.weight is None:
+                    return x
+                shape = (1, -1) + (1,) * (x.dim() - 2)
+                return x * self.weight.view(shape) + self.bias.view(shape)
+        patch(nn, "BatchNorm1d", NoBatchNorm)
+        patch(nn, "BatchNorm2d", NoBatchNorm)
 
-    def failing_end_step(self, step, **stats):
-        if self.rank == fail_rank and step == fail_step:
-            raise RuntimeError(f"probe: rank {self.rank} fails at step {step}")
-        return end_step(self, step, **stats)
-    common.Run.end_step = failing_end_step
+    if env.get("PROBE_FAIL"):
+        fail_rank, fail_step = map(int, env["PROBE_FAIL"].split(":"))
+        end_step = common.Run.end_step
 
-if os.environ.get("PROBE_NAN_AT"):
-    nan_step, nan_end_step = int(os.environ["PROBE_NAN_AT"]), common.Run.end_step
+        def failing_end_step(self, step, **stats):
+            if self.rank == fail_rank and step == fail_step:
+                raise RuntimeError(f"probe: rank {self.rank} fails at step {step}")
+            return end_step(self, step, **stats)
+        patch(common.Run, "end_step", failing_end_step)
 
-    def nan_end_step_(self, step, **stats):
-        if step == nan_step:
-            with torch.no_grad():
-                next(self.objects["G"].parameters()).fill_(float("nan"))
-        return nan_end_step(self, step, **stats)
-    common.Run.end_step = nan_end_step_
+    if env.get("PROBE_NAN_AT"):
+        nan_step, nan_end_step = int(env["PROBE_NAN_AT"]), common.Run.end_step
 
-if os.environ.get("PROBE_DATA_FAIL"):
-    data_fail_rank, load_dataset_ = int(os.environ["PROBE_DATA_FAIL"]), common._load_dataset
+        def nan_end_step_(self, step, **stats):
+            if step == nan_step:
+                with torch.no_grad():
+                    next(self.objects["G"].parameters()).fill_(float("nan"))
+            return nan_end_step(self, step, **stats)
+        patch(common.Run, "end_step", nan_end_step_)
 
-    def failing_load(*a):
-        if int(os.environ.get("RANK", "0")) == data_fail_rank:
-            raise common.UsageError(f"probe: rank {data_fail_rank} finds no data")
-        return load_dataset_(*a)
-    common._load_dataset = failing_load
+    if env.get("PROBE_DATA_FAIL"):
+        data_fail_rank, load_dataset_ = int(env["PROBE_DATA_FAIL"]), common._load_dataset
 
-if os.environ.get("PROBE_NO_CHECKPOINT_ON") and os.environ["PROBE_NO_CHECKPOINT_ON"] == os.environ.get("RANK"):
-    exists_ = Path.exists
-    Path.exists = lambda self, *a, **kw: False if self.name == "checkpoint.pt" else exists_(self, *a, **kw)
+        def failing_load(*a):
+            if int(os.environ.get("RANK", "0")) == data_fail_rank:
+                raise common.UsageError(f"probe: rank {data_fail_rank} finds no data")
+            return load_dataset_(*a)
+        patch(common, "_load_dataset", failing_load)
 
-if os.environ.get("PROBE_NO_READ_ON") and os.environ["PROBE_NO_READ_ON"] == os.environ.get("RANK"):
-    def unreadable(path, script):
-        raise common.UsageError(f"probe: checkpoint {path} cannot be read here")
-    common.load_checkpoint = unreadable
+    if env.get("PROBE_NO_CHECKPOINT_ON") and env["PROBE_NO_CHECKPOINT_ON"] == os.environ.get("RANK"):
+        exists_ = Path.exists
+        patch(Path, "exists", lambda self, *a, **kw: False if self.name == "checkpoint.pt" else exists_(self, *a, **kw))
 
-if os.environ.get("PROBE_SLOW_DATA"):
-    slow_load_ = common._load_dataset
+    if env.get("PROBE_NO_READ_ON") and env["PROBE_NO_READ_ON"] == os.environ.get("RANK"):
+        def unreadable(path, script):
+            raise common.UsageError(f"probe: checkpoint {path} cannot be read here")
+        patch(common, "load_checkpoint", unreadable)
 
-    def slow_load(*a):
-        if int(os.environ.get("RANK", "0")) == 0:
+    if env.get("PROBE_SLOW_DATA"):
+        slow_load_ = common._load_dataset
+
+        def slow_load(*a):
+            if int(os.environ.get("RANK", "0")) == 0:
+                import time
+                time.sleep(float(env["PROBE_SLOW_DATA"]))
+            return slow_load_(*a)
+        patch(common, "_load_dataset", slow_load)
+
+    if env.get("PROBE_SLOW_START"):
+        evaluator_init = common.Evaluator.__init__
+
+        def slow_evaluator_init(self, *a, **kw):
             import time
-            time.sleep(float(os.environ["PROBE_SLOW_DATA"]))
-        return slow_load_(*a)
-    common._load_dataset = slow_load
+            time.sleep(float(env["PROBE_SLOW_START"]))
+            evaluator_init(self, *a, **kw)
+        patch(common.Evaluator, "__init__", slow_evaluator_init)
 
-if os.environ.get("PROBE_SLOW_START"):
-    evaluator_init = common.Evaluator.__init__
+    if env.get("PROBE_DUMP"):
+        restore, finish = common.Run.restore, common.Run.finish
 
-    def slow_evaluator_init(self, *a, **kw):
-        import time
-        time.sleep(float(os.environ["PROBE_SLOW_START"]))
-        evaluator_init(self, *a, **kw)
-    common.Evaluator.__init__ = slow_evaluator_init
+        def dump(self, name):
+            states = {k: {n: t.detach().cpu().clone() for n, t in v.state_dict().items()}
+                      for k, v in self._probe_objects.items() if k in ("G", "D")}
+            torch.save(states, Path(env["PROBE_DUMP"]) / f"{name}{self.rank}.pt")
 
-if os.environ.get("PROBE_DUMP"):
-    restore, finish = common.Run.restore, common.Run.finish
+        def keep_objects(self, data, **objects):
+            self._probe_objects = objects
+            batches = restore(self, data, **objects)
+            dump(self, "start")  # the states training starts from (after --resume's loading)
+            return batches
 
-    def dump(self, name):
-        states = {k: {n: t.detach().cpu().clone() for n, t in v.state_dict().items()}
-                  for k, v in self._probe_objects.items() if k in ("G", "D")}
-        torch.save(states, Path(os.environ["PROBE_DUMP"]) / f"{name}{self.rank}.pt")
+        def dump_then_finish(self):
+            dump(self, "rank")
+            return finish(self)
+        patch(common.Run, "restore", keep_objects)
+        patch(common.Run, "finish", dump_then_finish)
 
-    def keep_objects(self, data, **objects):
-        self._probe_objects = objects
-        batches = restore(self, data, **objects)
-        dump(self, "start")  # the states training starts from (after --resume's loading)
-        return batches
-
-    def dump_then_finish(self):
-        dump(self, "rank")
-        return finish(self)
-    common.Run.restore, common.Run.finish = keep_objects, dump_then_finish
 
 if __name__ == "__main__":
+    install(os.environ)
     importlib.import_module(sys.argv[1]).main(sys.argv[2:])

@@ -88,6 +88,7 @@ def test_spectral_norm_placement(arch):
             assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in D.modules())
 
 
+@pytest.mark.figures
 @pytest.mark.parametrize("d_cond, loss", [("none", "vanilla"), ("concat", "ns"), ("projection", "ns"),
                                           ("concat", "vanilla")])
 def test_cgan_trains(d_cond, loss, tmp_path, data_root):

@@ -64,6 +64,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in open(path)]
 
 
+@pytest.mark.figures
 @pytest.mark.parametrize("arch", ["dcgan", "mlp"])
 def test_training_really_happens(arch, tmp_path, data_root):
     out = tmp_path / "run"
@@ -158,6 +159,7 @@ def test_missing_dataset_and_foreign_checkpoint(tmp_path, monkeypatch, capsys):
     assert code == 2 and "cannot be read" in err and "Traceback" not in err
 
 
+@pytest.mark.figures
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root, monkeypatch, capsys):
     calls = {"n": 0}
     real_loss = dcgan.d_loss

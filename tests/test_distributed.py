@@ -2,6 +2,7 @@
 process on the same whole batches; checkpoints move between 1 and 2 processes; a crash or Ctrl-C ends them all.
 
 Each torchrun launch costs about 5-10 s here (three Python processes importing torch)."""
+import importlib
 import json
 import os
 import signal
@@ -14,7 +15,9 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT
+import ddp_probe
+import sngan
+from conftest import ROOT, run_script
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 PROBE = str(ROOT / "tests" / "ddp_probe.py")
@@ -50,12 +53,22 @@ def launch(argv, tmp_path, processes=2, env=None, timeout=180):
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
-def probe(script, argv, tmp_path, dump, processes, resume=None):
+def probe(script, argv, tmp_path, dump, processes, monkeypatch):
     """tests/ddp_probe.py: the script's main() with BatchNorm's batch statistics removed (N processes' BatchNorms
-    see N smaller batches, and CPUs have no SyncBatchNorm) and each process's final G and D written to `dump`."""
+    see N smaller batches, and CPUs have no SyncBatchNorm) and each process's final G and D written to `dump`.
+    One process runs inside this one (with the probe's changes undone after it): a launched Python would spend
+    longer importing torch than the run takes."""
     dump.mkdir(exist_ok=True)
-    result = launch([PROBE, script] + argv, tmp_path, processes, {"PROBE_NO_BATCHNORM": "1", "PROBE_DUMP": str(dump)})
-    assert result.returncode == 0, result.stderr[-3000:]
+    env = {"PROBE_NO_BATCHNORM": "1", "PROBE_DUMP": str(dump)}
+    if processes == 1:
+        with monkeypatch.context() as m:
+            m.chdir(tmp_path)
+            ddp_probe.install(env, m.setattr)
+            code, _ = run_script(importlib.import_module(script), argv)
+        assert code == 0
+    else:
+        result = launch([PROBE, script] + argv, tmp_path, processes, env)
+        assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(dump / f"rank{r}.pt") for r in range(processes)], torch.load(dump / "start0.pt")
 
 
@@ -65,7 +78,7 @@ def max_gap(a, b):
 
 @pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in ("cgan", "wgan_clip", "infogan") else s
                                     for s in SCRIPT_FLAGS])
-def test_two_processes_train_what_one_process_trains(script, tmp_path, data_root):
+def test_two_processes_train_what_one_process_trains(script, tmp_path, data_root, monkeypatch):
     """3 steps on 2 processes x 8 images equal 3 steps of one process on the same 16 (same data slices, same
     noise, gradients averaged by DDP), to float rounding, with rank 0 sampling and evaluating alone in between;
     and both processes end with identical G and D, buffers included (spectral norm's u). Catches every process
@@ -74,8 +87,8 @@ def test_two_processes_train_what_one_process_trains(script, tmp_path, data_root
     apart, and a hang: the G step through DDP's D, or the penalty's double backward, never finishes."""
     argv = BASE + SCRIPT_FLAGS[script] + ["--max-steps", "3", "--log-every", "1", "--sample-every", "2",
                                           "--eval-every", "2", "--data-root", data_root]
-    (one,), start = probe(script, argv + ["--out", "one"], tmp_path, tmp_path / "d1", 1)
-    (rank0, rank1), _ = probe(script, argv + ["--out", "two"], tmp_path, tmp_path / "d2", 2)
+    (one,), start = probe(script, argv + ["--out", "one"], tmp_path, tmp_path / "d1", 1, monkeypatch)
+    (rank0, rank1), _ = probe(script, argv + ["--out", "two"], tmp_path, tmp_path / "d2", 2, monkeypatch)
     moved = max_gap(one, start)
     assert moved > 1e-4, "training did not move the weights: the comparison would prove nothing"
     assert max_gap(one, rank0) < 1e-3 * moved, (max_gap(one, rank0), moved)
@@ -85,18 +98,18 @@ def test_two_processes_train_what_one_process_trains(script, tmp_path, data_root
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d1", "d2", "one", "two"]
 
 
-def test_a_checkpoint_moves_between_one_and_two_processes(tmp_path, data_root):
+def test_a_checkpoint_moves_between_one_and_two_processes(tmp_path, data_root, monkeypatch):
     """2 processes for 2 steps, then resumed in one process for 2 more, end where one process running all 4 ends
     (and 1 -> 2 likewise): the data position, the noise stream and the optimiser states carry over. Catches a
     checkpoint holding one process's view (its share of the position, its device's random state)."""
     argv = BASE + SCRIPT_FLAGS["sngan"] + ["--log-every", "1", "--sample-every", "2", "--eval-every", "0",
                                            "--data-root", data_root, "--lr-decay", "none"]
-    (straight,), _ = probe("sngan", argv + ["--max-steps", "4", "--out", "straight"], tmp_path, tmp_path / "s", 1)
+    (straight,), _ = probe("sngan", argv + ["--max-steps", "4", "--out", "straight"], tmp_path, tmp_path / "s", 1, monkeypatch)
     for first, second in ((2, 1), (1, 2)):
         out = tmp_path / f"run{first}{second}"
-        probe("sngan", argv + ["--max-steps", "2", "--out", out], tmp_path, tmp_path / f"a{first}", first)
+        probe("sngan", argv + ["--max-steps", "2", "--out", out], tmp_path, tmp_path / f"a{first}", first, monkeypatch)
         resumed, _ = probe("sngan", ["--resume", out / "checkpoint.pt", "--max-steps", "4"], tmp_path,
-                           tmp_path / f"b{first}{second}", second)
+                           tmp_path / f"b{first}{second}", second, monkeypatch)
         moved = max_gap(straight, torch.load(tmp_path / f"a{first}" / "rank0.pt"))
         assert max_gap(straight, resumed[0]) < 1e-3 * moved, (first, second)
 
@@ -118,9 +131,7 @@ def test_torchrun_run_has_one_directory_and_generate_needs_no_torchrun(tmp_path)
     assert [r["step"] for r in rows if "loss_d" in r] == [2, 4] and len([r for r in rows if "cls_fid" in r]) == 2
     assert json.loads((out / "args.json").read_text())["batch_size"] == 16
     assert common.load_checkpoint(out / "checkpoint.pt", "sngan")["position"] == 8  # 4 steps x n_dis 2 batches
-    g = launch(["sngan.py", "--generate", "20", "--checkpoint", out / "checkpoint.pt", "--out", tmp_path / "gen"],
-               ROOT, processes=1)
-    assert g.returncode == 0, g.stderr
+    assert run_script(sngan, ["--generate", "20", "--checkpoint", out / "checkpoint.pt", "--out", tmp_path / "gen"])[0] == 0
     assert np.load(tmp_path / "gen" / "generated.npz")["images"].shape == (20, 1, 28, 28)
     g2 = launch(["sngan.py", "--generate", "20", "--checkpoint", out / "checkpoint.pt", "--out", tmp_path / "gen2"],
                 ROOT)  # started under torchrun anyway: one process writes, one line says so

@@ -298,6 +298,7 @@ RUNS = [  # (extra flags, image size, continuous codes, categorical values)
 ]
 
 
+@pytest.mark.figures
 @pytest.mark.parametrize("extra, size, n_cont, n_cat", RUNS)
 def test_infogan_trains_and_measures_its_codes(extra, size, n_cont, n_cat, tmp_path, data_root, capsys):
     """D (with Q and the body) stepped n_dis times per step and G once, every parameter of both (Adam's counts: Q's head

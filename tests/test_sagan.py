@@ -280,6 +280,7 @@ RUNS = [  # (attention, conditional, size, extra)
 ]
 
 
+@pytest.mark.figures
 @pytest.mark.parametrize("attention, conditional, size, extra", RUNS)
 def test_sagan_trains(attention, conditional, size, extra, tmp_path, data_root):
     """4 steps: D and G stepped once per step (Adam's counts cover every parameter, gamma and the attention's convs

@@ -185,6 +185,7 @@ RUNS = [  # (arch, loss, conditional, size, extra flags): every arch, loss and s
 ]
 
 
+@pytest.mark.figures
 @pytest.mark.parametrize("arch, loss, conditional, size, extra", RUNS)
 def test_sngan_trains(arch, loss, conditional, size, extra, tmp_path, data_root):
     """D and G stepped (Adam's counts: n_dis D steps per G step), weights moved, losses finite, the learning rate

@@ -92,6 +92,7 @@ def test_warmup_schedule():
     assert steps[501] == 5 and wgan_clip.critic_steps(0, 5, False) == 5
 
 
+@pytest.mark.figures
 @pytest.mark.parametrize("arch, size", [("dcgan", 28), ("resnet", 32), ("mlp", 28)])
 def test_wgan_gp_trains(arch, size, tmp_path, data_root):
     out = tmp_path / "run"
