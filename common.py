@@ -36,18 +36,25 @@ Run `python common.py --dataset fashion-mnist` to train and cache the evaluation
 
 import argparse
 import contextlib
+import datetime
 import functools
 import gzip
+import hashlib
 import inspect
 import io
 import json
 import math
 import os
+import queue
 import re
+import secrets
+import shutil
 import signal
+import socket
 import sys
 import time
 import types
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,8 +362,7 @@ def spread(images, labels=None, pool=8):
     if labels is None:
         return x.std(0).mean().item()
     labels = labels.cpu()
-    groups = [x[labels == c] for c in labels.unique()]
-    groups = [g for g in groups if len(g) > 1]
+    groups = [g for g in (x[labels == c] for c in labels.unique()) if len(g) > 1]
     return torch.stack([g.std(0).mean() for g in groups]).mean().item() if groups else math.nan
 
 
@@ -398,7 +404,6 @@ def _download(attempt, root):
     except Exception:
         for p in [*(set(root.iterdir()) - before if root.is_dir() else ()), *made]:
             if p.is_dir() and not any(q.is_file() for q in p.rglob("*")):
-                import shutil
                 shutil.rmtree(p, ignore_errors=True)
         raise
 
@@ -418,8 +423,7 @@ def _load_mnist_like(name, root, train):
             ) from None
         found = _find_idx(name, root, train)
     images = torch.from_numpy(_read_idx(found[0]).copy()).unsqueeze(1)
-    labels = torch.from_numpy(_read_idx(found[1]).astype(np.int64))
-    return images, labels, 10
+    return images, torch.from_numpy(_read_idx(found[1]).astype(np.int64)), 10
 
 
 def _load_torchvision(name, root, train):
@@ -427,13 +431,11 @@ def _load_torchvision(name, root, train):
     import torchvision.datasets as tvd
 
     def make(download):
-        if name == "usps":
-            return tvd.USPS(root, train=train, download=download)
-        if name == "cifar10":
-            return tvd.CIFAR10(root, train=train, download=download)
         # STL-10 for training: the 100k unlabelled images and the 5k labelled training images, as the SNGAN
         # authors trained (their labels are dropped: one class, as CelebA, so --conditional is refused).
-        return tvd.STL10(root, split="train+unlabeled" if train else "test", download=download)
+        if name == "stl10":
+            return tvd.STL10(root, split="train+unlabeled" if train else "test", download=download)
+        return {"usps": tvd.USPS, "cifar10": tvd.CIFAR10}[name](root, train=train, download=download)
 
     try:
         try:
@@ -486,8 +488,7 @@ def decode_image(path, size, crop=None):
         im = _to_rgb(im)
         w, h = im.size
         c = min(c * scale, w, h)
-        box = ((w - c) / 2, (h - c) / 2, (w + c) / 2, (h + c) / 2)
-        im = im.resize((size, size), Image.BICUBIC, box=box)
+        im = im.resize((size, size), Image.BICUBIC, box=((w - c) / 2, (h - c) / 2, (w + c) / 2, (h + c) / 2))
         return np.asarray(im).transpose(2, 0, 1)
 
 
@@ -504,7 +505,6 @@ def _to_rgb(im):
 
 def _decode_chunk(job):
     """Worker: decode one chunk of files; unreadable ones are left blank and reported as (index, reason)."""
-    import warnings
     start, paths, size, crop = job
     out, bad = np.zeros((len(paths), 3, size, size), np.uint8), []
     with warnings.catch_warnings():
@@ -524,7 +524,6 @@ def _decode_worker(tasks, results, parent):
     """A decode process: the chunks `tasks` gives, until None. It ignores stop signals: a scheduler's SIGTERM and a
     terminal's Ctrl-C reach the whole process group, and a worker ended by one dies mid-write with a traceback of
     its own; the parent alone decides, and ends its workers. It also ends when its parent is gone."""
-    import queue
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     results.cancel_join_thread()  # a parent killed alone (the OOM killer) reads no more: exit without flushing
@@ -574,7 +573,6 @@ def _decode_all(paths, size, crop, out, workers, what, chunk=64, starts=None, on
         # Worker processes of our own rather than multiprocessing.Pool: workers that ignore SIGTERM would hang
         # Pool.terminate (it ends them with SIGTERM and waits), and a dead worker hangs Pool's results forever.
         import multiprocessing as mp
-        import queue
         # fork where it exists: the workers need nothing but PIL and numpy, and start without importing torch again
         ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
         tasks, results = ctx.Queue(), ctx.Queue()
@@ -636,8 +634,7 @@ def _source(name, root, train):
     root = Path(root)
     if name == "stl10":  # torchvision reads its binary arrays: the signature covers those files
         folder = root / "stl10_binary"
-        listing = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.bin")) \
-            if folder.is_dir() else []
+        listing = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.bin"))
         return None, None, None, None, listing, None
     classes = None
     if name == "celeba":
@@ -701,7 +698,6 @@ def _cache_entry(name, root, size, train, cache_dir):
     split = "train" if train else "test"
     if cache_dir is None:
         return Path(root) / ".gan-cache" / f"{name}-{split}-{size}px"
-    import hashlib
     tag = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:10]
     return Path(cache_dir) / f"{name}-{tag}-{split}-{size}px"
 
@@ -709,7 +705,6 @@ def _cache_entry(name, root, size, train, cache_dir):
 def _signature(name, size, crop, listing, classes=None):
     """What a cache was decoded from: the decoding's settings, the class names (an empty class folder is a class:
     it changes the model's number of classes, not the images) and every file's name, size and time."""
-    import hashlib
     h = hashlib.sha256(json.dumps([CACHE_FORMAT, name, size, crop, BACKGROUND, classes]).encode())
     for row in listing:
         h.update(("\t".join(map(str, row)) + "\n").encode())
@@ -741,10 +736,9 @@ def _file_record(path):
 def _block_sums(file, shape, blocks=None):
     """{block: crc32 of its bytes} of the uint8 array of `shape` in `file`, for `blocks` (default: all)."""
     row = math.prod(shape[1:])
-    n = math.ceil(shape[0] / CACHE_BLOCK)
     sums = {}
     with open(file, "rb") as f:
-        for b in range(n) if blocks is None else blocks:
+        for b in range(math.ceil(shape[0] / CACHE_BLOCK)) if blocks is None else blocks:
             f.seek(b * CACHE_BLOCK * row)
             sums[b] = zlib.crc32(f.read(min(CACHE_BLOCK, shape[0] - b * CACHE_BLOCK) * row))
     return sums
@@ -752,7 +746,6 @@ def _block_sums(file, shape, blocks=None):
 
 def _check_cache(entry, manifest, full=False):
     """None when entry's files match the manifest's checksums, else what does not (a few words)."""
-    import secrets
     shape, sums, file = manifest["shape"], manifest["checksums"], entry / "images.u8"
     try:
         record = _file_record(file)
@@ -806,8 +799,6 @@ CACHE_STALE = 30 * 60
 
 
 def _unique(path, kind):
-    import secrets
-    import socket
     return path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.{kind}")
 
 
@@ -820,7 +811,6 @@ def _owner():
     """Who this process is, for another process on this machine to tell whether it still runs: its pid, and on
     Linux the boot, the pid namespace and its start time (a pid is reused after a reboot, in another container,
     or by a later process)."""
-    import socket
     me = {"host": socket.gethostname(), "pid": os.getpid()}
     with contextlib.suppress(OSError, ValueError, IndexError):
         if os.readlink("/proc/self") == str(os.getpid()):  # /proc shows our own pid namespace
@@ -885,7 +875,6 @@ def _gone(folder):
 def _move_aside(folder, entry):
     """Remove `folder` (an outdated or damaged cache, or a gone builder's temp folder): renamed first, so that
     readers that have its files open keep them and no other process continues it meanwhile."""
-    import shutil
     old = _unique(entry, "old")
     try:
         os.rename(folder, old)
@@ -899,7 +888,6 @@ def _tidy(entry, header, tmp):
     """Remove what gone builders of `entry` left beside it; the first gone build of `header` (the same signature
     and shape) is renamed to `tmp` instead, and its progress returned, to be continued. Folders of builders that
     may still run are left alone."""
-    import shutil
     adopted = None
     for old in entry.parent.glob(f"{entry.name}.*.old"):  # what a process killed while removing it left
         shutil.rmtree(old, ignore_errors=True)
@@ -919,16 +907,10 @@ def _tidy(entry, header, tmp):
     return adopted
 
 
-def _is_stop(e):
-    """A stop signal's exception: Stopped (a signal before training began, see StopSignals) or Ctrl-C's."""
-    return isinstance(e, (KeyboardInterrupt, Stopped))
-
-
 def _publish(tmp, entry, signature):
     """Rename the complete temp folder to `entry`. Returns None, or the manifest of the cache of the same signature
     that another builder published first (ours is then dropped). An outdated or damaged cache is replaced."""
     import errno
-    import shutil
     for _ in range(10):
         try:
             os.rename(tmp, entry)  # fails while entry is a folder with files: of two builders, one publishes
@@ -966,7 +948,7 @@ def _decode_resumably(tmp, header, adopted, paths, size, crop, workers, name):
             found = _block_sums(tmp / "images.u8", shape, [s // CACHE_BLOCK for s in adopted[1]])
             blocks = {s: v for s, v in adopted[1].items() if found[s // CACHE_BLOCK] == v[0]}
         except BaseException as e:  # stopped while reading what it continues: that stays for the next run
-            if _is_stop(e):
+            if isinstance(e, (KeyboardInterrupt, Stopped)):  # a stop signal: Stopped (see StopSignals), or Ctrl-C's
                 e.args, e.resumable = (f"{str(e) or 'interrupted'} while continuing a stopped decode of {name}: "
                                        f"what it decoded is kept for the next run",), True
             raise
@@ -993,7 +975,7 @@ def _decode_resumably(tmp, header, adopted, paths, size, crop, workers, name):
         _decode_all(paths, size, crop, out, workers, name, CACHE_BLOCK, todo, on_chunk)
         record({"finishing": True})  # from here the file's rows move (_compact): not to be continued
     except BaseException as e:
-        if _is_stop(e) and recording[0]:
+        if isinstance(e, (KeyboardInterrupt, Stopped)) and recording[0]:
             record({"stopped": getattr(e, "signum", int(signal.SIGINT))})
             kept = sum(min(CACHE_BLOCK, n - s) for s in blocks)
             e.args = (f"{str(e) or 'interrupted'} while decoding {name}: {kept} of {n} images kept, the next run "
@@ -1013,7 +995,6 @@ def _build_cache(entry, name, root, size, train, signature, paths, labels, k, cr
     that of another process that published the same cache first. When the cache cannot be written (read-only data
     root, full disk), raises _CacheUnwritable after cleaning up, before decoding anything where that can be known
     (the array's space is reserved first)."""
-    import shutil
     tmp, decoded = _unique(entry, "tmp"), None
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -1121,7 +1102,6 @@ def _load_cached(name, root, size, train, device, opts):
     mapped, as --data-in-memory says. Returns ImageData."""
     paths, labels, k, crop, listing, classes = _source(name, root, train)
     signature = _signature(name, size, crop, listing, classes)
-    import hashlib
     files = hashlib.sha256("".join(f"{row[0]}\t{row[1]}\n" for row in listing).encode()).hexdigest()[:16]
     known = {"files": files, "class_names": classes}  # for the checkpoint: what this data is
     entry = _cache_entry(name, root, size, train, opts.get("cache_dir"))
@@ -1160,7 +1140,6 @@ def _load_cached(name, root, size, train, device, opts):
         # A memory map of the cache: the OS page cache keeps what fits, shared by every process of the machine.
         # Mode "r" maps the file shared and read-only, which RLIMIT_DATA does not count (a copy-on-write map
         # would); torch warns that the array is not writable, and nothing ever writes to it.
-        import warnings
         mapped = np.memmap(file, np.uint8, "r", shape=shape)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -1211,19 +1190,14 @@ def make_fake(n=1024, size=28, seed=0, num_classes=10):
     classes are separable, so the evaluation classifier reaches ~100% accuracy on it.
     """
     g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) % num_classes
-    labels = labels[torch.randperm(n, generator=g)]
-    cy = 7 + 14 * (labels // 5)  # two rows of five positions on a 28x28 canvas
-    cx = 4 + 5 * (labels % 5)
-    cy = cy + torch.randint(-1, 2, (n,), generator=g)
-    cx = cx + torch.randint(-1, 2, (n,), generator=g)
+    labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
+    cy = 7 + 14 * (labels // 5) + torch.randint(-1, 2, (n,), generator=g)  # two rows of five positions on a 28x28 canvas
+    cx = 4 + 5 * (labels % 5) + torch.randint(-1, 2, (n,), generator=g)
     radius = 2.0 + 1.5 * torch.rand(n, generator=g)
     yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
     d2 = (yy - cy[:, None, None]) ** 2 + (xx - cx[:, None, None]) ** 2
-    img = torch.sigmoid(3.0 * (radius[:, None, None] - d2.sqrt()))
-    img = (img + 0.05 * torch.rand(n, 28, 28, generator=g)).clamp(0, 1)
-    images = (img * 255).round().to(torch.uint8).unsqueeze(1)
-    return resize_uint8(images, size), labels, num_classes
+    img = (torch.sigmoid(3.0 * (radius[:, None, None] - d2.sqrt())) + 0.05 * torch.rand(n, 28, 28, generator=g)).clamp(0, 1)
+    return resize_uint8((img * 255).round().to(torch.uint8).unsqueeze(1), size), labels, num_classes
 
 
 def resize_uint8(images, size, chunk=4096):
@@ -1308,7 +1282,6 @@ def load_dataset(name, root="./data", image_size=None, device="cpu", train=True,
 
 @functools.cache
 def _patient_group():
-    import datetime
     return dist.new_group(timeout=datetime.timedelta(hours=24))
 
 
@@ -1373,8 +1346,7 @@ class Batches:
         if not self.data.mapped:
             return torch.index_select(self.data.images, 0, idx, out=out)
         order = idx.argsort()
-        rows = self.data.images[idx[order]]
-        return torch.index_select(rows, 0, order.argsort(), out=out)
+        return torch.index_select(self.data.images[idx[order]], 0, order.argsort(), out=out)
 
     def next(self):
         """The next (images in [-1, 1], labels) batch on the training device."""
@@ -1617,30 +1589,25 @@ class Evaluator:
         self.device, self.n, self.seed = torch.device(device), n_samples, seed
         self.n_real = min(n_real or n_samples, len(data))
         with fork_rng(self.device):
-            self._build(data, data_root, inception_weights)
-
-    def _build(self, data, data_root, inception_weights):
-        self.classifier, self.inception = None, None
-        # A tiny image folder (or a checkpoint from before --eval-samples had its minimum): train anyway, say why
-        # there are no metrics. The flags themselves refuse counts below the minimum.
-        if min(self.n, self.n_real) < MIN_EVAL_IMAGES:
-            self.source = (f"metrics skipped: IS and FID need at least {MIN_EVAL_IMAGES} generated and real images, "
-                           f"not {self.n} and {self.n_real} ({data.name} has {len(data)})")
-            return
-        idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))[:self.n_real]
-        real = data.images[idx.to(data.images.device)]
-        if data.name in DIGIT_LIKE:
-            self.classifier = get_classifier(data.name, data_root, self.device)
-            self.cls_size = NATIVE_SIZE[data.name]
-            f, _ = self._classify(real)
-            self.cls_real = feature_stats(f)
-            self.source = (f"cls_*: {data.name} CNN classifier (test acc {self.classifier.test_accuracy:.3f}), "
-                           f"128-d features")
-        else:
-            self.inception, self.source = load_inception(inception_weights, self.device)
-            if self.inception is not None:
-                self.inc_real, _ = self._inception_features(real)
-                self.inc_real_stats = None
+            self.classifier, self.inception = None, None
+            # A tiny image folder (or a checkpoint from before --eval-samples had its minimum): train anyway, say why
+            # there are no metrics. The flags themselves refuse counts below the minimum.
+            if min(self.n, self.n_real) < MIN_EVAL_IMAGES:
+                self.source = (f"metrics skipped: IS and FID need at least {MIN_EVAL_IMAGES} generated and real images, "
+                               f"not {self.n} and {self.n_real} ({data.name} has {len(data)})")
+                return
+            idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(self.seed))[:self.n_real]
+            real = data.images[idx.to(data.images.device)]
+            if data.name in DIGIT_LIKE:
+                self.classifier = get_classifier(data.name, data_root, self.device)
+                self.cls_size = NATIVE_SIZE[data.name]
+                self.cls_real = feature_stats(self._classify(real)[0])
+                self.source = f"cls_*: {data.name} CNN classifier (test acc {self.classifier.test_accuracy:.3f}), 128-d features"
+            else:
+                self.inception, self.source = load_inception(inception_weights, self.device)
+                if self.inception is not None:
+                    self.inc_real, _ = self._inception_features(real)
+                    self.inc_real_stats = None
 
     @torch.no_grad()
     def _inception_features(self, images):
@@ -1725,10 +1692,8 @@ def pick_device(name="auto", local_rank=None):
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         if local_rank is not None and name == "mps":
             name = "cpu"  # no multi-process backend drives MPS: several CPU processes (gloo)
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but torch sees no CUDA device")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("--device mps asked for, but torch sees no MPS device")
+    if name in ("cuda", "mps") and not (torch.cuda if name == "cuda" else torch.backends.mps).is_available():
+        raise UsageError(f"--device {name} asked for, but torch sees no {name.upper()} device")
     if name == "mps" and local_rank is not None:
         raise UsageError("torchrun with --device mps: PyTorch has no process-group backend for MPS; "
                          "run one process (python SCRIPT.py), or --device cpu")
@@ -1764,7 +1729,6 @@ def init_distributed(device, timeout_minutes=30):
     and the job can be requeued from the last checkpoint), and while rank 0 alone trains the evaluation classifier,
     computes the real images' Inception features or evaluates (--dist-timeout-minutes)."""
     import atexit
-    import datetime
     import gc
     if not dist.is_initialized():
         # DDP's reducer and the process group sit in reference cycles, freed by the garbage collector; left to the
@@ -1779,12 +1743,8 @@ def init_distributed(device, timeout_minutes=30):
 
 def cpu_bf16_units():
     """The CPU's native bf16 instruction sets (AMX, AVX512-BF16) as torch sees them, or []."""
-    units = []
-    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
-        units.append("AMX")
-    if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
-        units.append("AVX512-BF16")
-    return units
+    return [unit for unit, test in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+            if getattr(torch.cpu, test, lambda: False)()]
 
 
 def precision(device, enabled=True):
@@ -1917,8 +1877,7 @@ def non_finite(state, prefix=""):
 
 
 def data_identity(data):
-    """What identifies a run's data, kept in its checkpoint: a resume on other data is refused (check_same_data)."""
-    import hashlib
+    """What identifies a run's data, kept in its checkpoint: a resume on other data is refused (data_changed)."""
     labels = hashlib.sha256(data.labels.cpu().numpy().tobytes()).hexdigest()[:16]  # each image's class, in order
     return {"dataset": data.name, "images": len(data), "num_classes": data.num_classes, "labels": labels,
             "channels": data.channels, "image_size": data.image_size, "class_names": data.class_names,
@@ -2455,8 +2414,7 @@ class Run:
         """Set the schedule's length and what it draws with; build the evaluator; write args.json. Returns the step.
         `d_loss_floor`: the least value D's loss can take (0 for cross-entropy and hinge losses), to say when D
         has won; None for a critic's loss, which has no floor (Wasserstein)."""
-        self.total, self.sample, self.panels, self.num_classes = total, sample, panels, num_classes
-        self.latent_dim = latent_dim
+        self.total, self.sample, self.panels, self.num_classes, self.latent_dim = total, sample, panels, num_classes, latent_dim
         if_finished(self, total)  # --epochs may end it before --max-steps
         # The sample grids' noise: 64, or one row of the same 10 per class; its own generator shifts no training stream
         g = torch.Generator(self.device).manual_seed(self.args.seed + 4)
@@ -2701,15 +2659,11 @@ def finish_run(run):
         summary = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("_std"))
         source = f"{metrics['eval_source']}; {metrics['n_gen']} generated vs {metrics['n_real']} real" if metrics else \
             run.evaluator.source
-        if run.step < run.total:
-            reason = "time limit (--max-minutes)"
-        elif run.args.max_steps and run.step >= run.args.max_steps:
-            reason = "done (--max-steps)"
-        else:  # --epochs caps --max-steps silently otherwise: say so
-            reason = f"done (--epochs {run.args.epochs} reached)"
-        print(f"{run.script}: {reason} at step {run.step} (epoch {run.batches.epoch}, {run.logfile.elapsed() / 60:.1f} "
-              f"min, {run.precision}, data in {run.data.where}) {summary or 'no metrics'} [{source}] -> {run.dir}",
-              flush=True)
+        reason = ("time limit (--max-minutes)" if run.step < run.total
+                  else "done (--max-steps)" if run.args.max_steps and run.step >= run.args.max_steps
+                  else f"done (--epochs {run.args.epochs} reached)")  # --epochs caps --max-steps silently otherwise: say so
+        print(f"{run.script}: {reason} at step {run.step} (epoch {run.batches.epoch}, {run.logfile.elapsed() / 60:.1f} min, "
+              f"{run.precision}, data in {run.data.where}) {summary or 'no metrics'} [{source}] -> {run.dir}", flush=True)
         return run.dir
     except OSError as e:
         cannot_write(run, e)
@@ -2814,8 +2768,7 @@ def make_gif(sample_dir, path, ms_per_frame=250):
     if not frames:
         return
     images = [Image.open(f).convert("P", palette=Image.ADAPTIVE) for f in frames]
-    durations = [ms_per_frame] * (len(images) - 1) + [2000]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=[ms_per_frame] * (len(images) - 1) + [2000], loop=0)
 
 
 def read_metrics(path, warn=False):
@@ -2861,12 +2814,9 @@ def plot_metrics(metrics_path, out_path, panels):
     for ax, (title, left, right) in zip(axes[0], panels):
         lines = []
         first_right = max(3, len(left))  # right-hand colours after the left's (C3 with up to 3 on the left)
-        colors_left = [f"C{i % 10}" for i in range(len(left))]
-        colors_right = [f"C{(first_right + i) % 10}" for i in range(len(right))]
-        for axis, keys, styles in ((ax, left, colors_left), (ax.twinx() if right else None, right, colors_right)):
-            for k, color in zip(keys, styles):
-                s = series(k)
-                if s:
+        for axis, keys, first in ((ax, left, 0), (ax.twinx() if right else None, right, first_right)):
+            for k, color in zip(keys, [f"C{(first + i) % 10}" for i in range(len(keys))]):
+                if s := series(k):
                     lines += axis.plot(s[0], s[1], color=color, label=k, marker="o" if len(s[0]) < 30 else None, ms=3)
             if right and axis is not ax:
                 axis.set_ylabel(", ".join(right))
