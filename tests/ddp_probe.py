@@ -2,6 +2,7 @@
 
     PROBE_NO_BATCHNORM=1    every BatchNorm is an identity (so N processes can equal one: BatchNorm statistics over
                             a process's share differ from those over the whole batch, and CPUs have no SyncBatchNorm)
+    PROBE_NO_FIGURES=1      a run's end draws no figures (losses.png, progress.gif: what in-process tests skip too)
     PROBE_DUMP=DIR          every process writes DIR/start<r>.pt and DIR/rank<r>.pt: its G and D states when
                             training starts and at the end
     PROBE_FAIL=RANK:STEP    that process raises at that step (a crashing process must end every process)
@@ -45,8 +46,12 @@ def install(env, patch=setattr):
                     return x
                 shape = (1, -1) + (1,) * (x.dim() - 2)
                 return x * self.weight.view(shape) + self.bias.view(shape)
+        import torchvision  # noqa: F401  (imported first: its layers take nn.BatchNorm2d as a default argument)
         patch(nn, "BatchNorm1d", NoBatchNorm)
         patch(nn, "BatchNorm2d", NoBatchNorm)
+
+    if env.get("PROBE_NO_FIGURES"):
+        patch(common, "plot_run", lambda run: None)
 
     if env.get("PROBE_FAIL"):
         fail_rank, fail_step = map(int, env["PROBE_FAIL"].split(":"))

@@ -21,7 +21,8 @@ from conftest import ROOT, run_script
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 PROBE = str(ROOT / "tests" / "ddp_probe.py")
-BASE = ["--dataset", "fake", "--batch-size", "16", "--width", "4", "--eval-samples", "100", "--no-amp"]
+BASE = ["--dataset", "fake", "--batch-size", "16", "--width", "4", "--eval-samples", "100", "--no-amp",
+        "--device", "cpu"]  # gloo on CPU processes; a GPU or Mac would otherwise put the one-process reference there
 SCRIPT_FLAGS = {  # the configurations with the DDP traps: SN's u buffers and G's batch (sngan), the penalty's
     # double backward (wgan_gp), two D forwards before one backward (dcgan, cgan, wgan_clip), labels (cgan, sngan)
     "sngan": ["--arch", "cnn", "--n-dis", "2", "--conditional"],
@@ -39,6 +40,8 @@ def launch(argv, tmp_path, processes=2, env=None, timeout=180):
     (a hang) torchrun gets SIGTERM, which it passes to its workers (they run in sessions of their own: killing
     torchrun alone would leave them waiting in a collective for hours), then the test fails."""
     cmd = (TORCHRUN if processes == 2 else [sys.executable]) + [str(a) for a in argv]
+    if str(argv[0]) == PROBE:  # the probe's runs end without figures, as in-process tests do (conftest.py)
+        env = {"PROBE_NO_FIGURES": "1", **(env or {})}
     p = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:

@@ -342,8 +342,8 @@ def test_infogan_trains_and_measures_its_codes(extra, size, n_cont, n_cat, tmp_p
 
 
 def test_infogan_resume_is_exact(tmp_path, data_root, monkeypatch):
-    """A 4-step run stopped after 2 (as by --max-minutes or Ctrl-C: its final measurement of the codes, traversals and
-    figures run at step 2) and resumed ends where an uninterrupted one does: G, D with Q, both optimisers, data
+    """A 4-step run stopped after 2 (as by --max-minutes or Ctrl-C: its final measurement of the codes and its
+    traversal figures run at step 2) and resumed ends where an uninterrupted one does: G, D with Q, both optimisers, data
     position, RNG. Catches a measurement or traversal that draws from the training stream or changes BatchNorm's
     statistics (classifying in train mode), and a checkpoint missing a part of the state. The resumed run keeps only
     its own GIF frames up to its checkpoint."""

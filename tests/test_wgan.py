@@ -111,6 +111,7 @@ def test_wgan_gp_trains(arch, size, tmp_path, data_root):
     assert all(s["step"] == 4 for s in state["opt_g"]["state"].values())
 
 
+@pytest.mark.figures
 @pytest.mark.parametrize("arch, bn", [("dcgan", "batch"), ("dcgan", "none"), ("mlp", None)])
 def test_wgan_clip_trains_and_stays_clipped(arch, bn, tmp_path, data_root):
     out = tmp_path / "run"
@@ -128,6 +129,8 @@ def test_wgan_clip_trains_and_stays_clipped(arch, bn, tmp_path, data_root):
     assert all(v.abs().max().item() <= c for v in critic_params)
     rows = [r for r in common.read_metrics(out / "metrics.jsonl") if "clip_share" in r]
     assert rows and 0 < rows[-1]["clip_share"] <= 1
+    for name in ("losses.png", "interpolation.png", "progress.gif"):
+        assert (out / name).exists(), name
 
 
 @pytest.mark.parametrize("module", [wgan_gp, wgan_clip])
