@@ -1692,8 +1692,10 @@ def pick_device(name="auto", local_rank=None):
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
         if local_rank is not None and name == "mps":
             name = "cpu"  # no multi-process backend drives MPS: several CPU processes (gloo)
-    if name in ("cuda", "mps") and not (torch.cuda if name == "cuda" else torch.backends.mps).is_available():
-        raise UsageError(f"--device {name} asked for, but torch sees no {name.upper()} device")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but torch sees no CUDA device")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("--device mps asked for, but torch sees no MPS device")
     if name == "mps" and local_rank is not None:
         raise UsageError("torchrun with --device mps: PyTorch has no process-group backend for MPS; "
                          "run one process (python SCRIPT.py), or --device cpu")
