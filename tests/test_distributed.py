@@ -1,13 +1,16 @@
-"""torchrun: two CPU processes (gloo) on --dataset fake train one model, with one run directory, and equal to one
-process on the same whole batches; checkpoints move between 1 and 2 processes; a crash or Ctrl-C ends them all.
+"""Two CPU processes (gloo) on --dataset fake train one model, with one run directory, and equal to one process on
+the same whole batches; checkpoints move between 1 and 2 processes; a crash or Ctrl-C ends them all.
 
-Each torchrun launch costs about 5-10 s here (three Python processes importing torch)."""
+Each launch of two processes costs about 4-8 s here (each imports torch); torchrun's agent, which imports torch
+before it starts them, runs only in the tests of what it does (`launch`)."""
 import importlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -35,25 +38,47 @@ SCRIPT_FLAGS = {  # the configurations with the DDP traps: SN's u buffers and G'
 }
 
 
-def launch(argv, tmp_path, processes=2, env=None, timeout=180):
-    """Run `python SCRIPT.py argv` (processes=1) or the same under torchrun; return the CompletedProcess. On timeout
-    (a hang) torchrun gets SIGTERM, which it passes to its workers (they run in sessions of their own: killing
-    torchrun alone would leave them waiting in a collective for hours), then the test fails."""
-    cmd = (TORCHRUN if processes == 2 else [sys.executable]) + [str(a) for a in argv]
-    if str(argv[0]) == PROBE:  # the probe's runs end without figures, as in-process tests do (conftest.py)
-        env = {"PROBE_NO_FIGURES": "1", **(env or {})}
-    p = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+def launch(argv, cwd, processes=2, env=None, timeout=180, torchrun=False):
+    """Run `python SCRIPT.py argv` in `processes` processes; return a CompletedProcess whose returncode is the first
+    process's non-zero exit code (else 0), whose stdout and stderr are every process's in rank order, and whose
+    `codes` are every process's exit code. Two processes start with the environment torchrun gives its workers
+    (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT, OMP_NUM_THREADS=1) but without its agent,
+    which imports torch before it starts them (about 4 s of each launch here): these tests are of what the
+    processes agree on, and each must end by itself, as no agent ends the peers of a process that failed.
+    `torchrun=True` runs the real torchrun, for the tests of what it does (a crash ending the other process, the
+    real script end to end; the signal tests start it themselves). On timeout (a hang) every process and its
+    children are killed (torchrun's workers run in sessions of their own), then the test fails."""
+    argv = [str(a) for a in argv]
+    env = {**os.environ, **({"PROBE_NO_FIGURES": "1"} if argv[0] == PROBE else {}), **(env or {})}  # as in-process
+    if processes == 1 or torchrun:
+        envs, cmd = [env], (TORCHRUN if torchrun else [sys.executable]) + argv
+    else:
+        with socket.socket() as s:  # a free port for rank 0's store, as torchrun --standalone picks one
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        envs, cmd = [{**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(processes),
+                      "LOCAL_WORLD_SIZE": str(processes), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                      "OMP_NUM_THREADS": "1"} for r in range(processes)], [sys.executable] + argv
+    files = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in envs]  # no pipe to fill up
+    ps = [subprocess.Popen(cmd, cwd=cwd, env=e, stdout=o, stderr=r, text=True, start_new_session=True)
+          for e, (o, r) in zip(envs, files)]
     try:
-        out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        p.terminate()
-        try:
-            p.communicate(timeout=60)
-        finally:
-            p.kill()
-        raise
-    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+        deadline = time.time() + timeout
+        codes = [p.wait(timeout=max(0.1, deadline - time.time())) for p in ps]
+    finally:
+        if torchrun and ps[0].poll() is None:
+            ps[0].terminate()  # torchrun passes SIGTERM on to its workers
+            try:
+                ps[0].wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        for p in ps:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    out, err = ("".join(f[i].seek(0) or f[i].read() for f in files) for i in (0, 1))
+    result = subprocess.CompletedProcess(cmd, next((c for c in codes if c), 0), out, err)
+    result.codes = codes
+    return result
 
 
 def probe(script, argv, tmp_path, dump, processes, monkeypatch):
@@ -125,7 +150,8 @@ def test_torchrun_run_has_one_directory_and_generate_needs_no_torchrun(tmp_path)
     files) or none, and a collective in rank 0's solitary work (a deadlock: the timeout fails the test)."""
     out = tmp_path / "run"
     r = launch(["sngan.py"] + BASE + SCRIPT_FLAGS["sngan"] + ["--max-steps", "4", "--log-every", "2",
-               "--sample-every", "2", "--eval-every", "2", "--data-root", tmp_path / "data", "--out", out], ROOT)
+               "--sample-every", "2", "--eval-every", "2", "--data-root", tmp_path / "data", "--out", out], ROOT,
+               torchrun=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("sngan: done") == 1 and "2 processes" in r.stdout
     for f in ("args.json", "metrics.jsonl", "checkpoint.pt", "losses.png", "progress.gif", "samples/step_0000004.png"):
@@ -148,7 +174,7 @@ def test_a_crashing_process_ends_every_process(tmp_path, data_root):
     out = tmp_path / "run"
     r = launch([PROBE, "sngan"] + BASE + SCRIPT_FLAGS["sngan"] + ["--max-steps", "1000", "--sample-every", "2",
                "--eval-every", "0", "--data-root", data_root, "--out", out], tmp_path,
-               env={"PROBE_FAIL": "1:3"}, timeout=120)
+               env={"PROBE_FAIL": "1:3"}, timeout=120, torchrun=True)
     assert r.returncode != 0
     assert common.load_checkpoint(out / "checkpoint.pt", "sngan")["step"] == 2
 
@@ -174,7 +200,7 @@ def test_non_finite_weights_stop_every_process_alike(tmp_path, data_root):
                "--sample-every", "3", "--eval-every", "0", "--data-root", data_root, "--out", out], tmp_path,
                env={"PROBE_NAN_AT": "3"}, timeout=120)
     assert r.returncode != 0 and "G's weights or statistics became non-finite by step 3" in r.stderr, r.stderr[-3000:]
-    assert "exitcode  : 1 " in r.stderr and "Connection" not in r.stderr and "gloo" not in r.stderr, r.stderr[-3000:]
+    assert r.codes == [1, 1] and "Connection" not in r.stderr and "gloo" not in r.stderr, r.stderr[-3000:]
     assert common.load_checkpoint(out / "checkpoint.pt", "sngan")["step"] == 0
 
 
