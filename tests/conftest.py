@@ -20,12 +20,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def figures_only_where_looked_at(request, monkeypatch):
-    """Drawing a run's figures (losses.png, class_histogram.png, progress.gif: common.plot_run) is matplotlib's
-    layout work, about 40% of a few-step in-process run. The smoke tier and the tests marked `figures` draw them
-    and look at them; in every other test the run reaches plot_run and nothing is drawn. Subprocess runs draw."""
+    """Drawing a run's figures (losses.png, class_histogram.png, progress.gif: common.plot_run; sagan's
+    attention.png: sagan.save_attention_figure) is matplotlib's layout work, about 40% of a few-step in-process run.
+    The smoke tier and the tests marked `figures` draw them and look at them; in every other test the run reaches
+    the drawing functions (sagan computes its attention maps) and nothing is drawn. Subprocess runs draw."""
     if request.node.path.name != SMOKE and request.node.get_closest_marker("figures") is None:
         import common
+        import sagan
         monkeypatch.setattr(common, "plot_run", lambda run: None)
+        monkeypatch.setattr(sagan, "save_attention_figure", lambda *a, **k: None)
 
 
 @pytest.fixture(scope="session")

@@ -69,19 +69,22 @@ def test_d_won_is_silent_for_a_critic(capsys):
     assert run.rows == [] and capsys.readouterr().err == ""
 
 
-def test_a_run_made_to_collapse_says_so_and_trains_on(tmp_path, data_root, capsys):
+def test_a_run_made_to_collapse_says_so_and_trains_on(tmp_path, data_root, capsys, monkeypatch):
     """dcgan whose G barely learns (--lr-g 1e-9) against a fast D: D wins within a few dozen steps, and G's samples
     stay the untrained network's one texture. The real run prints each line once, writes each row, and still runs
     to --max-steps with exit 0. The same run with the recipe's learning rates is silent. Catches a detector that is
-    not wired into the scripts, that stops the run, or that fires on a healthy run."""
+    not wired into the scripts, that stops the run, or that fires on a healthy run. The collapsed run waits 200
+    steps for "alike" instead of ALIKE_STEPS (500), to train 400 steps instead of 700; the healthy one keeps 500."""
     base = TINY + ["--data-root", data_root, "--max-steps", 300, "--sample-every", 100]
-    code, err = run_script(dcgan, base + ["--lr-g", "1e-9", "--lr-d", "2e-3", "--max-steps", 700, "--out",
-                                          tmp_path / "won"], capsys)
+    with monkeypatch.context() as m:
+        m.setattr(common, "ALIKE_STEPS", 200)
+        code, err = run_script(dcgan, base + ["--lr-g", "1e-9", "--lr-d", "2e-3", "--max-steps", 400, "--out",
+                                              tmp_path / "won"], capsys)
     assert code == 0, err
-    assert err.count("D has won at step") == 1 and err.count("samples all look alike at step 600:") == 1, err
+    assert err.count("D has won at step") == 1 and err.count("samples all look alike at step 300:") == 1, err
     rows = common.read_metrics(tmp_path / "won" / "metrics.jsonl")
-    assert len([r for r in rows if "d_won" in r]) == 1 and max(r["step"] for r in rows) == 700
-    assert [r["step"] for r in rows if "alike" in r] == [600]  # low from the first grid (100) for ALIKE_STEPS
+    assert len([r for r in rows if "d_won" in r]) == 1 and max(r["step"] for r in rows) == 400
+    assert [r["step"] for r in rows if "alike" in r] == [300]  # low from the first grid (100) for 200 steps
     code, err = run_script(dcgan, base + ["--out", tmp_path / "ok"], capsys)
     assert code == 0 and "D has won" not in err and "alike" not in err, err
     assert not [r for r in common.read_metrics(tmp_path / "ok" / "metrics.jsonl") if "d_won" in r or "alike" in r]

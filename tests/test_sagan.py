@@ -249,6 +249,7 @@ def test_attention_logits_and_d_head_stay_float32_under_bf16_autocast():
             assert D(torch.randn(2, 1, 32, 32), y).dtype == torch.float32
 
 
+@pytest.mark.figures
 def test_attention_figure_reads_every_block_and_changes_nothing(tmp_path):
     """attention_maps returns the weights of every block of G then D for G's images, leaves both networks in their
     modes with no block keeping weights, and changes no state (eval mode: no BatchNorm statistics or SN vectors
@@ -326,9 +327,9 @@ def test_sagan_resume_is_exact(tmp_path, data_root, monkeypatch):
                    "--sample-every", "3"]
     assert run_script(sagan, args + ["--out", tmp_path / "full"])[0] == 0
     should_stop = common.Run.should_stop
-    monkeypatch.setattr(common.Run, "should_stop", lambda self, step: step >= 2 or should_stop(self, step))
-    assert run_script(sagan, args + ["--out", tmp_path / "part"])[0] == 0
-    monkeypatch.undo()
+    with monkeypatch.context() as m:  # (monkeypatch.undo() would undo conftest's figure no-op too)
+        m.setattr(common.Run, "should_stop", lambda self, step: step >= 2 or should_stop(self, step))
+        assert run_script(sagan, args + ["--out", tmp_path / "part"])[0] == 0
     assert common.load_checkpoint(tmp_path / "part" / "checkpoint.pt", "sagan")["step"] == 2
     assert run_script(sagan, ["--resume", tmp_path / "part" / "checkpoint.pt"])[0] == 0
     full, part = (common.load_checkpoint(tmp_path / r / "checkpoint.pt", "sagan") for r in ("full", "part"))

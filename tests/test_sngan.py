@@ -222,9 +222,9 @@ def test_sngan_resume_is_exact_with_schedules_and_ema(tmp_path, data_root, monke
     args = FAST + ["--conditional", "--ema", "0.9", "--sample-every", "2", "--data-root", data_root, "--max-steps", "4"]
     assert run_script(sngan, args + ["--out", tmp_path / "full"])[0] == 0
     should_stop = common.Run.should_stop
-    monkeypatch.setattr(common.Run, "should_stop", lambda self, step: step >= 2 or should_stop(self, step))
-    assert run_script(sngan, args + ["--out", tmp_path / "part"])[0] == 0
-    monkeypatch.undo()
+    with monkeypatch.context() as m:  # (monkeypatch.undo() would undo conftest's figure no-op too)
+        m.setattr(common.Run, "should_stop", lambda self, step: step >= 2 or should_stop(self, step))
+        assert run_script(sngan, args + ["--out", tmp_path / "part"])[0] == 0
     assert common.load_checkpoint(tmp_path / "part" / "checkpoint.pt", "sngan")["step"] == 2
     assert run_script(sngan, ["--resume", tmp_path / "part" / "checkpoint.pt"])[0] == 0
     full, part = (common.load_checkpoint(tmp_path / r / "checkpoint.pt", "sngan") for r in ("full", "part"))
