@@ -2681,11 +2681,12 @@ class EMA:
     weights. So the average's state depends only on G's and the averaged weights, not on how often it was used: a
     resumed run matches an uninterrupted one whatever the checkpoint steps."""
 
-    def __init__(self, G, decay, latent_dim, num_classes=0, batches=8, batch_size=256):
+    batches, batch_size = 8, 256  # the noise that `ready` recomputes BatchNorm's statistics from
+
+    def __init__(self, G, decay, latent_dim, num_classes=0):
         import copy
         self.module = copy.deepcopy(G).requires_grad_(False)
-        self.decay, self.latent_dim, self.num_classes = decay, latent_dim, num_classes
-        self.batches, self.batch_size, self.stale = batches, batch_size, True
+        self.decay, self.latent_dim, self.num_classes, self.stale = decay, latent_dim, num_classes, True
 
     @staticmethod
     def sn_vectors(net):

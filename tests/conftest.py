@@ -31,6 +31,17 @@ def figures_only_where_looked_at(request, monkeypatch):
         monkeypatch.setattr(sagan, "save_attention_figure", lambda *a, **k: None)
 
 
+@pytest.fixture(autouse=True)
+def ema_statistics_from_two_batches(request, monkeypatch):
+    """sngan's and sagan's --ema recompute the average's BatchNorm statistics before each use (a grid, an
+    evaluation, a save) from 8 batches of 256 noise vectors: at the tests' widths, most of a few-step run. Outside
+    the smoke tier, from 2 (a resumed run and its straight reference both use 2; test_sngan.py checks the
+    recomputation itself). Subprocess runs use 8."""
+    if request.node.path.name != SMOKE:
+        import common
+        monkeypatch.setattr(common.EMA, "batches", 2)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
     """One data root for the session, so the fake dataset's classifier is trained once."""

@@ -2,7 +2,7 @@
 
     PROBE_NO_BATCHNORM=1    every BatchNorm is an identity (so N processes can equal one: BatchNorm statistics over
                             a process's share differ from those over the whole batch, and CPUs have no SyncBatchNorm)
-    PROBE_NO_FIGURES=1      a run's end draws no figures (losses.png, progress.gif: what in-process tests skip too)
+    PROBE_NO_FIGURES=1      no figures drawn (losses.png, progress.gif, sagan's attention.png), as in-process tests
     PROBE_DUMP=DIR          every process writes DIR/start<r>.pt and DIR/rank<r>.pt: its G and D states when
                             training starts and at the end
     PROBE_FAIL=RANK:STEP    that process raises at that step (a crashing process must end every process)
@@ -51,7 +51,9 @@ def install(env, patch=setattr):
         patch(nn, "BatchNorm2d", NoBatchNorm)
 
     if env.get("PROBE_NO_FIGURES"):
+        import sagan
         patch(common, "plot_run", lambda run: None)
+        patch(sagan, "save_attention_figure", lambda *a, **k: None)
 
     if env.get("PROBE_FAIL"):
         fail_rank, fail_step = map(int, env["PROBE_FAIL"].split(":"))

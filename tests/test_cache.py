@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_distributed import launch
+from test_distributed import PROBE, launch, max_gap, probe
 
 import common
 import dcgan
@@ -220,21 +220,25 @@ def test_a_memory_mapped_run_resumes_bit_identically_from_ram_and_back(tmp_path,
     assert "data in memory map of" in capsys.readouterr().out
 
 
-def test_two_processes_decode_once_and_train_the_same_from_the_map(tmp_path):
-    """torchrun with 2 processes on a fresh folder: one process decodes (one progress line), the other maps what it
-    wrote; 4 steps from the map end bit-identical to 4 steps from memory. Catches a cache built twice (both
-    processes decoding), a process reading a half-written cache, and a map whose shares differ from memory's.
-    (Resuming under torchrun is checked after a SIGTERM in test_cluster.py, from the map in
+def test_two_processes_decode_once_and_train_the_same_from_the_map(tmp_path, monkeypatch):
+    """2 processes on a fresh folder: one decodes (one progress line), the other maps what it wrote; 4 steps from
+    the map end where one process ends from memory on the same whole batches (tests/ddp_probe.py without
+    BatchNorm's statistics, as in test_distributed.py). Catches a cache built twice (both processes decoding), a
+    process reading a half-written cache, and a map whose shares differ from memory's. (Resuming under torchrun is
+    checked after a SIGTERM in test_cluster.py, from the map in
     test_a_memory_mapped_run_resumes_bit_identically_from_ram_and_back.)"""
     write_images(tmp_path / "imgs", 40)
-    base = ["dcgan.py"] + DCGAN + ["--data-root", tmp_path / "imgs", "--max-steps", "4"]
-    a = launch(base + ["--data-in-memory", "yes", "--out", tmp_path / "ram"], ROOT)
-    assert a.returncode == 0, a.stderr[-3000:]
-    assert a.stderr.count("decoding 40 folder images") == 1
-    b = launch(base + ["--data-in-memory", "no", "--out", tmp_path / "map"], ROOT)
-    assert b.returncode == 0 and "decoding" not in b.stderr, b.stderr[-3000:]
-    assert_same_training_state(torch.load(tmp_path / "ram" / "checkpoint.pt"), torch.load(tmp_path / "map" / "checkpoint.pt"))
+    base = DCGAN + ["--data-root", tmp_path / "imgs", "--max-steps", "4"]
+    two = launch([PROBE, "dcgan"] + base + ["--data-in-memory", "no", "--out", "map"], tmp_path,
+                 env={"PROBE_NO_BATCHNORM": "1", "PROBE_DUMP": str(tmp_path)})
+    assert two.returncode == 0 and two.stderr.count("decoding 40 folder images") == 1, two.stderr[-3000:]
     assert json.loads((tmp_path / "map" / "args.json").read_text())["resolved"]["data"].startswith("memory map")
+    (one,), start = probe("dcgan", base + ["--data-in-memory", "yes", "--out", "ram"], tmp_path, tmp_path / "one", 1,
+                          monkeypatch)
+    assert json.loads((tmp_path / "ram" / "args.json").read_text())["resolved"]["data"] == "host RAM"
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert all(torch.equal(rank0[n][k], rank1[n][k]) for n in rank0 for k in rank0[n])
+    assert max_gap(one, rank0) < 1e-3 * max_gap(one, start), max_gap(one, rank0)
 
 
 LIMITED = """import re, resource, sys

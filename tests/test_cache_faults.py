@@ -59,6 +59,14 @@ def slow_folder(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def clean_entry(slow_folder, tmp_path_factory):
+    """The cache entry of an uninterrupted build of slow_folder, which the continued builds must equal."""
+    cache = tmp_path_factory.mktemp("clean")
+    common.load_dataset("folder", slow_folder, 16, cache_dir=cache, decode_workers=2)
+    return entry_of(cache)
+
+
 def write_images(folder, n, size=24, seed=0):
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,7 +124,8 @@ def decoded_count(err):
     return sum(int(n) for n in re.findall(r"^decoding (\d+) folder images", err, re.M))
 
 
-def test_sigterm_to_a_builds_process_group_keeps_its_blocks_and_the_next_build_continues_them(tmp_path, slow_folder):
+def test_sigterm_to_a_builds_process_group_keeps_its_blocks_and_the_next_build_continues_them(tmp_path, slow_folder,
+                                                                                             clean_entry):
     """SIGTERM to the process group of a build with 2 decode workers, once a block is recorded: exit 143, one
     stderr line beside the progress lines (what was stopped and how many images were kept), no traceback; the
     temp folder stays; the next build decodes only the images not kept (counted in its 'decoding N' line), and
@@ -137,12 +146,11 @@ def test_sigterm_to_a_builds_process_group_keeps_its_blocks_and_the_next_build_c
     assert again.returncode == 0, again.stderr
     assert decoded_count(again.stderr) == 448 - kept, again.stderr
     assert not list(cache.glob("*.tmp")) and not list(cache.glob("*.old"))
-    common.load_dataset("folder", slow_folder, 16, cache_dir=tmp_path / "clean", decode_workers=2)
-    same_cache(entry_of(cache), entry_of(tmp_path / "clean"))
+    same_cache(entry_of(cache), clean_entry)
     assert np.load(tmp_path / "again.npy").tobytes() == (entry_of(cache) / "images.u8").read_bytes()
 
 
-def test_a_killed_builders_temp_folder_is_continued_by_the_next_build(tmp_path, slow_folder):
+def test_a_killed_builders_temp_folder_is_continued_by_the_next_build(tmp_path, slow_folder, clean_entry):
     """SIGKILL (the out-of-memory killer, a scheduler past its grace time) of a build's process group once a block
     is recorded: nothing could be written at the end, yet the next build on this machine sees that the builder's
     process no longer runs, continues its folder (decodes fewer than all 448 images) and publishes a cache equal
@@ -156,8 +164,7 @@ def test_a_killed_builders_temp_folder_is_continued_by_the_next_build(tmp_path, 
     assert again.returncode == 0, again.stderr
     assert 0 < decoded_count(again.stderr) < 448, again.stderr
     assert not list(cache.glob("*.tmp"))
-    common.load_dataset("folder", slow_folder, 16, cache_dir=tmp_path / "clean", decode_workers=2)
-    same_cache(entry_of(cache), entry_of(tmp_path / "clean"))
+    same_cache(entry_of(cache), clean_entry)
 
 
 OWNER = """import sys
@@ -174,7 +181,7 @@ getattr(common, "_write_owner", lambda folder: None)(folder)  # what a builder w
 def test_temp_folders_of_gone_builders_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
     """Beside a cache entry: the temp folder of a process of this machine that has ended (a real process wrote its
     owner record and exited), one of a builder on another machine that shows no sign of life for longer than
-    CACHE_STALE (made 4 s here, and waited for), one of a builder on another machine that is recent, and one
+    CACHE_STALE (made 2 s here, and waited for), one of a builder on another machine that is recent, and one
     of this very process's pid and machine (a live builder). A build of the entry removes the first two and
     leaves the last two. Catches dead builders' folders piling up (today every killed build leaves its
     folder, as large as the cache, for good), and a clean-up that removes a live builder's folder (a build on
@@ -190,9 +197,9 @@ def test_temp_folders_of_gone_builders_are_removed_and_live_ones_kept(tmp_path, 
         folder.mkdir()
         (folder / "owner.json").write_text(json.dumps({"host": "elsewhere", "pid": 7, "name": folder.name}))
         (folder / "progress").write_text("{}\n")
-    # (a folder's ctime cannot be set back: the test waits it out, and then has 4 s for the build below)
-    monkeypatch.setattr(common, "CACHE_STALE", 4.0)
-    time.sleep(5)
+    # (a folder's ctime cannot be set back: the test waits it out, and then has 2 s for the build of 8 images below)
+    monkeypatch.setattr(common, "CACHE_STALE", 2.0)
+    time.sleep(2.5)
     os.utime(far_new / "progress")  # its builder wrote a block just now
     mine = entry.with_name(f"{entry.name}.{socket.gethostname()}.{os.getpid()}.deadbeef.tmp")
     mine.mkdir()

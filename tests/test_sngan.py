@@ -146,7 +146,7 @@ def test_ema_equals_its_closed_form_and_recomputes_batchnorm_statistics():
     average whose BatchNorm statistics belong to G."""
     torch.manual_seed(0)
     G = sngan.build_generator(net_args(), 1, 10)
-    ema = common.EMA(G, 0.9, 16)
+    ema = common.EMA(G, 0.9, 16)  # its statistics from 2 x 256 noise vectors here (conftest), 8 in runs
     e0 = {k: v.clone() for k, v in ema.module.named_parameters()}
     with torch.no_grad():
         for p in G.parameters():
@@ -165,11 +165,11 @@ def test_ema_equals_its_closed_form_and_recomputes_batchnorm_statistics():
     assert bn_e.running_mean.abs().min() > 0 and not torch.allclose(bn_e.running_var, torch.ones_like(bn_e.running_var))
     assert not torch.allclose(bn_e.running_mean, bn_g.running_mean) and bn_e.momentum == bn_g.momentum
     # and they are the average's own: in eval mode it now matches its train-mode output on a large batch
-    z = torch.randn(2048, 16, generator=torch.Generator().manual_seed(5))
+    z = torch.randn(512, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ev = module(z)
         tr = copy.deepcopy(module).train()(z)  # a copy: a train-mode forward would update the statistics
-    assert (ev - tr).abs().mean() < 0.05 * tr.abs().mean()
+    assert (ev - tr).abs().mean() < 0.01 * tr.abs().mean()  # 0.3% here; 4% with G's statistics
     again = common.EMA(G, 0.9, 16)
     again.load_state_dict(ema.state_dict())
     again.stale = True  # recompute: the same statistics (a fixed noise stream)
